@@ -1,0 +1,26 @@
+"""The fixed text of the embedded recipe: the robot task's instruction and reasoning phrases,
+the marker that ends a robot answer, and VLMEvalKit's multiple-choice prompt.
+
+The tiny backbone's tokenizer is trained on these phrases (and on easy-vqa's questions), so
+everything the embedded default feeds the model tokenizes into whole words.
+"""
+
+TRANSFER_CUBE_INSTRUCTION = "Pick up the red cube with the right arm and hand it over to the left arm."
+
+# Scripted phases of the transfer-cube demonstration, in order, with the reasoning the
+# model learns to say before acting in each.
+TRANSFER_CUBE_REASONING = {
+    "approach": "Move the right gripper above the red cube.",
+    "descend": "Lower the right gripper around the cube.",
+    "grasp": "Close the right gripper to grasp the cube.",
+    "lift": "Lift the cube and move it to the middle.",
+    "meet": "Bring the left gripper to the cube.",
+    "handover": "Close the left gripper and open the right gripper to hand over the cube.",
+    "retreat": "Move the right gripper away; the left arm holds the cube.",
+}
+
+NEXT_ACTION_MARKER = "Next action:"
+
+MULTIPLE_CHOICE_INSTRUCTION = "Please select the correct answer from the options above."
+
+SYSTEM_PROMPT = "You are a helpful assistant."
