@@ -173,3 +173,5 @@ def build_tiny_qwen2_vl(out: Path, seed: int = 0) -> None:
     )
     processor = Qwen2VLAProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
     processor.save_pretrained(out)
+    # Tools written for transformers 4 (and the official Qwen2-VL folders) read preprocessor_config.json.
+    image_processor.save_pretrained(out)

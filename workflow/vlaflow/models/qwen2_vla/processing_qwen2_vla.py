@@ -18,3 +18,15 @@ class Qwen2VLAProcessor(Qwen2VLProcessor):
             chat_template=chat_template,
             **kwargs,
         )
+
+    def generation_inputs(self, images: list[list], texts: list[str]):
+        """Left-padded model inputs for a batch of single-turn user prompts, each with its images
+        placed before the text, ending with the assistant's turn."""
+        prompts = []
+        for sample_images, text in zip(images, texts, strict=True):
+            content = [{"type": "image"} for _ in sample_images] + [{"type": "text", "text": text}]
+            prompts.append(self.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True))
+        flat_images = [image for sample_images in images for image in sample_images]
+        return self(
+            text=prompts, images=flat_images or None, padding=True, padding_side="left", return_tensors="pt"
+        )

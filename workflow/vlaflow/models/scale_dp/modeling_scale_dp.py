@@ -90,14 +90,16 @@ class ScaleDPPolicy(nn.Module):
             ScaleDPBlock(width, config.num_heads, config.mlp_ratio) for _ in range(config.depth)
         )
         self.final_layer = ScaleDPFinalLayer(width, config.action_dim)
-        self.noise_scheduler = DDIMScheduler(
-            num_train_timesteps=config.num_train_timesteps,
-            beta_schedule=config.beta_schedule,
-            clip_sample=True,
-            set_alpha_to_one=True,
-            steps_offset=0,
-            prediction_type="epsilon",
-        )
+        # from_pretrained builds modules on the meta device; the schedule's tables must be real.
+        with torch.device("cpu"):
+            self.noise_scheduler = DDIMScheduler(
+                num_train_timesteps=config.num_train_timesteps,
+                beta_schedule=config.beta_schedule,
+                clip_sample=True,
+                set_alpha_to_one=True,
+                steps_offset=0,
+                prediction_type="epsilon",
+            )
         self.reset_parameters()
 
     @torch.no_grad()

@@ -1,0 +1,53 @@
+"""The download step: a backbone folder from the builtin tiny model, the Hugging Face hub, or disk."""
+
+import os
+import shutil
+from pathlib import Path
+
+from vlaflow.backbone.folder import verify_model_folder
+from vlaflow.errors import VlaflowError
+from vlaflow.fs import atomic_directory
+
+BUILTIN_TINY = "builtin:tiny-qwen2-vl"
+HUB_PREFIX = "hf:"
+SOURCE_FORMS = f"'{BUILTIN_TINY}', 'hf:<org>/<name>@<revision>', or an existing local folder"
+
+
+def _link_or_copy(source: str, destination: str) -> None:
+    try:
+        os.link(source, destination)
+    except OSError:
+        shutil.copy2(source, destination)
+
+
+def parse_hub_source(source: str) -> tuple[str, str]:
+    repo_id, _, revision = source.removeprefix(HUB_PREFIX).partition("@")
+    if not repo_id or "/" not in repo_id or not revision:
+        raise VlaflowError(
+            f"hub source {source!r}: expected 'hf:<org>/<name>@<revision>' (pin a revision: a commit, tag or branch)"
+        )
+    return repo_id, revision
+
+
+def download(source: str, out: Path, seed: int = 0) -> Path:
+    """Write the backbone named by `source` to `out` (atomically) and verify it is complete."""
+    out = Path(out)
+    if source.startswith(HUB_PREFIX):
+        repo_id, revision = parse_hub_source(source)
+    elif source != BUILTIN_TINY:
+        if not Path(source).is_dir():
+            raise VlaflowError(f"source {source!r}: not one of {SOURCE_FORMS}")
+        verify_model_folder(Path(source))
+    with atomic_directory(out) as tmp:
+        if source == BUILTIN_TINY:
+            from vlaflow.backbone.tiny import build_tiny_qwen2_vl
+
+            build_tiny_qwen2_vl(tmp, seed=seed)
+        elif source.startswith(HUB_PREFIX):
+            from huggingface_hub import snapshot_download
+
+            snapshot_download(repo_id=repo_id, revision=revision, local_dir=tmp)
+        else:
+            shutil.copytree(source, tmp, copy_function=_link_or_copy, dirs_exist_ok=True)
+        verify_model_folder(tmp)
+    return out

@@ -1,0 +1,132 @@
+"""MoE initialisation: save the backbone's decoder MLP weights, then copy them into both experts.
+
+Backbones name the MLP weights `model.language_model.layers.<i>.mlp.*` (transformers 5) or
+`model.layers.<i>.mlp.*` (checkpoints saved earlier, the official Qwen2-VL release among them).
+Both are read; the file is written with the transformers 5 names, as safetensors (upstream
+pickled a `mlp.bin` into the download folder).
+"""
+
+import re
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from vlaflow.backbone.folder import verify_model_folder, weight_files
+from vlaflow.errors import MLPWeightsError
+from vlaflow.fs import atomic_file
+
+PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+MLP_KEY = re.compile(r"^model\.(?:language_model\.)?layers\.(\d+)\.mlp\.(gate_proj|up_proj|down_proj)\.weight$")
+
+
+def mlp_key(layer: int, projection: str) -> str:
+    return f"model.language_model.layers.{layer}.mlp.{projection}.weight"
+
+
+def num_decoder_layers(config: dict) -> int:
+    text_config = config.get("text_config") or config
+    return text_config["num_hidden_layers"]
+
+
+def _index_mlp_tensors(keys, source: Path) -> dict[tuple[int, str], str]:
+    """Map (layer, projection) to the key holding it; the same weight under two names is an error."""
+    found: dict[tuple[int, str], str] = {}
+    for key in keys:
+        match = MLP_KEY.match(key)
+        if match is None:
+            continue
+        slot = (int(match.group(1)), match.group(2))
+        if slot in found:
+            raise MLPWeightsError(f"{source}: {found[slot]!r} and {key!r} both hold the same MLP weight")
+        found[slot] = key
+    return found
+
+
+def _check_complete(slots, num_layers: int, source: Path) -> None:
+    """`slots`: the (layer, projection) pairs found; all of the model's and no others."""
+    for layer in range(num_layers):
+        for projection in PROJECTIONS:
+            if (layer, projection) not in slots:
+                raise MLPWeightsError(f"{source}: missing key {mlp_key(layer, projection)!r}")
+    extra = sorted(slot for slot in slots if slot[0] >= num_layers)
+    if extra:
+        raise MLPWeightsError(
+            f"{source}: unexpected key {mlp_key(*extra[0])!r}: the model has {num_layers} decoder layers"
+        )
+
+
+def save_mlp_weights(backbone: Path, out: Path) -> Path:
+    """Write every decoder layer's MLP weights of `backbone` to the safetensors file `out`."""
+    backbone = Path(backbone)
+    num_layers = num_decoder_layers(verify_model_folder(backbone))
+    found: dict[tuple[int, str], torch.Tensor] = {}
+    for shard in weight_files(backbone):
+        with safe_open(shard, framework="pt") as handle:
+            for slot, key in _index_mlp_tensors(handle.keys(), shard).items():
+                if slot in found:
+                    raise MLPWeightsError(f"{shard}: {key!r} repeats an MLP weight of another shard")
+                found[slot] = handle.get_tensor(key)
+    _check_complete(found, num_layers, backbone)
+    tensors = {mlp_key(*slot): tensor for slot, tensor in sorted(found.items())}
+    with atomic_file(out) as tmp:
+        save_file(tensors, tmp, metadata={"format": "pt", "num_layers": str(num_layers), "source": str(backbone)})
+    return Path(out)
+
+
+def init_experts_from_mlp_weights(model, path: Path) -> None:
+    """Copy the saved dense MLP into both experts of every layer; any missing, extra or misshapen
+    key is an error naming it."""
+    path = Path(path)
+    try:
+        tensors = load_file(path)
+    except Exception as error:  # safetensors raises its own error types for corrupt files
+        raise MLPWeightsError(f"{path}: not a readable safetensors file ({error})") from None
+    unexpected = [key for key in tensors if MLP_KEY.match(key) is None]
+    if unexpected:
+        raise MLPWeightsError(f"{path}: unexpected key {unexpected[0]!r}: not a decoder MLP weight")
+    found = _index_mlp_tensors(tensors, path)
+    num_layers = len(model.decoder_layers)
+    _check_complete(found, num_layers, path)
+    targets = []
+    for (layer, projection), key in found.items():
+        for expert_index in range(2):
+            weight = getattr(model.expert(layer, expert_index), projection).weight
+            if weight.shape != tensors[key].shape:
+                raise MLPWeightsError(
+                    f"{path}: key {key!r} has shape {tuple(tensors[key].shape)}, "
+                    f"the model's expert weight has {tuple(weight.shape)}"
+                )
+            targets.append((weight, tensors[key]))
+    with torch.no_grad():
+        for weight, tensor in targets:
+            weight.copy_(tensor)
+
+
+def load_vla_with_moe_init(vla_folder: Path, mlp_weights: Path, **from_pretrained_kwargs):
+    """The stage-1 starting point: the VLA model on the backbone's weights, both experts of every
+    layer copied from the dense MLP, the new heads freshly initialised."""
+    from transformers.utils import logging
+
+    from vlaflow.models.qwen2_vla import Qwen2VLAForConditionalGeneration
+
+    # transformers would report the experts and heads as missing and the dense MLP as unexpected:
+    # exactly what this function expects, and checks itself below.
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        model, info = Qwen2VLAForConditionalGeneration.from_pretrained(
+            vla_folder, output_loading_info=True, **from_pretrained_kwargs
+        )
+    finally:
+        logging.set_verbosity(verbosity)
+    new_modules = ("policy_head.", "reasoning_conditioner.")
+    lacking = [key for key in info["missing_keys"] if ".mlp.experts." not in key and not key.startswith(new_modules)]
+    if lacking:
+        raise MLPWeightsError(f"{vla_folder}: the backbone's weights lack {sorted(lacking)[0]!r}")
+    foreign = [key for key in info["unexpected_keys"] if MLP_KEY.match(key) is None]
+    if foreign:
+        raise MLPWeightsError(f"{vla_folder}: weight {sorted(foreign)[0]!r} matches no parameter of the VLA model")
+    init_experts_from_mlp_weights(model, mlp_weights)
+    return model
