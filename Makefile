@@ -5,6 +5,7 @@ VENV ?= .venv
 CONSTRAINTS := envs/cpu-constraints.txt
 INSTALLED := $(VENV)/.installed
 RESULTS ?= results
+OFFLINE := HF_HUB_OFFLINE=1
 
 .PHONY: run test setup
 
@@ -16,11 +17,18 @@ $(INSTALLED): pyproject.toml $(CONSTRAINTS)
 	$(VENV)/bin/pip install --quiet --constraint $(CONSTRAINTS) --editable '.[test]'
 	touch $@
 
-run: $(INSTALLED)
-	HF_HUB_OFFLINE=1 $(VENV)/bin/vlaflow download builtin:tiny-qwen2-vl $(RESULTS)/backbone
-	HF_HUB_OFFLINE=1 $(VENV)/bin/vlaflow make-vla-config $(RESULTS)/backbone $(RESULTS)/vla
-	HF_HUB_OFFLINE=1 $(VENV)/bin/vlaflow save-mlp-weights $(RESULTS)/backbone $(RESULTS)/mlp_weights.safetensors
-	HF_HUB_OFFLINE=1 $(VENV)/bin/vlaflow check-model $(RESULTS)/vla --mlp-weights $(RESULTS)/mlp_weights.safetensors
+# Each step's output is its make target, so a second `make run` redoes only what is missing.
+run: $(RESULTS)/vla $(RESULTS)/mlp_weights.safetensors
+	$(OFFLINE) $(VENV)/bin/vlaflow check-model $(RESULTS)/vla --mlp-weights $(RESULTS)/mlp_weights.safetensors
+
+$(RESULTS)/backbone: | $(INSTALLED)
+	$(OFFLINE) $(VENV)/bin/vlaflow download builtin:tiny-qwen2-vl $@
+
+$(RESULTS)/vla: $(RESULTS)/backbone
+	$(OFFLINE) $(VENV)/bin/vlaflow make-vla-config $< $@
+
+$(RESULTS)/mlp_weights.safetensors: $(RESULTS)/backbone
+	$(OFFLINE) $(VENV)/bin/vlaflow save-mlp-weights $< $@
 
 test: $(INSTALLED)
-	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m pytest
+	$(OFFLINE) $(VENV)/bin/python -m pytest
