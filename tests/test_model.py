@@ -148,6 +148,12 @@ def test_batched_predict_action_returns_one_chunk_per_sample(vla_model, processo
     assert prediction.actions.isfinite().all() and prediction.actions.abs().max() <= 1.0  # clipped samples
     assert prediction.reasoning_ids.shape[0] == 3
 
+    # official Qwen2-VL folders list two end tokens in their generation config
+    end_tokens = [vla_model.config.text_config.eos_token_id, vla_model.config.text_config.pad_token_id]
+    vla_model.generation_config.eos_token_id = end_tokens
+    prediction = vla_model.predict_action(**inputs, states=torch.randn(3, STATE_DIM), max_reasoning_tokens=6)
+    assert prediction.actions.shape == (3, CHUNK_SIZE, ACTION_DIM)
+
 
 def test_batched_generation_matches_one_sample_at_a_time(vla_model, processor):
     """Left padding, per-sample routes and image positions must not leak between rows."""

@@ -8,36 +8,35 @@ from pathlib import Path
 from vlaflow.errors import VlaflowError
 
 
-def _refuse_existing(path: Path) -> None:
-    if path.exists() or path.is_symlink():
-        raise VlaflowError(f"{path}: already exists; remove it or choose another output path")
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 @contextmanager
+def _staged(out: Path, folder: bool):
+    out = Path(out)
+    if out.exists() or out.is_symlink():
+        raise VlaflowError(f"{out}: already exists; remove it or choose another output path")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    _remove(tmp)
+    if folder:
+        tmp.mkdir()
+    try:
+        yield tmp
+        os.replace(tmp, out)
+    finally:
+        _remove(tmp)
+
+
 def atomic_directory(out: Path):
     """Yield an empty temporary folder beside `out`; rename it to `out` only if the block succeeds."""
-    out = Path(out)
-    _refuse_existing(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    return _staged(out, folder=True)
 
 
-@contextmanager
 def atomic_file(out: Path):
     """Yield a temporary path beside `out`; rename it to `out` only if the block succeeds."""
-    out = Path(out)
-    _refuse_existing(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    try:
-        yield tmp
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    return _staged(out, folder=False)

@@ -351,8 +351,9 @@ class Qwen2VLAForConditionalGeneration(Qwen2VLForConditionalGeneration):
                 **kwargs,
             )
         reasoning_ids = sequences[:, prompt_length:]
-        eos = reasoning_ids == self.generation_config.eos_token_id
-        reasoning_mask = (eos.cumsum(dim=1) - eos.long()) == 0
+        eos_ids = torch.tensor(self._eos_token_ids(), device=reasoning_ids.device)
+        eos = torch.isin(reasoning_ids, eos_ids)
+        reasoning_mask = (eos.cumsum(dim=1) - eos.long()) == 0  # up to and including the first end token
         full_mask = torch.cat([attention_mask.bool(), reasoning_mask], dim=1)
         hidden_states = self._backbone(
             input_ids=sequences,
@@ -367,4 +368,13 @@ class Qwen2VLAForConditionalGeneration(Qwen2VLForConditionalGeneration):
         condition = self.reasoning_conditioner(hidden_states, prompt_mask, reasoning_span)
         actions = self.policy_head.sample(condition, states.to(condition.dtype), generator=generator)
         pad_id = self.generation_config.pad_token_id
+        if pad_id is None:
+            pad_id = self._eos_token_ids()[0]
         return ActionPrediction(actions=actions, reasoning_ids=reasoning_ids.masked_fill(~reasoning_mask, pad_id))
+
+    def _eos_token_ids(self) -> list[int]:
+        """The generation config's end tokens; official Qwen2-VL folders list two."""
+        eos = self.generation_config.eos_token_id
+        if eos is None:
+            eos = self.config.text_config.eos_token_id
+        return list(eos) if isinstance(eos, (list, tuple)) else [eos]
