@@ -125,7 +125,6 @@ def train_tokenizer(corpus: list[str], vocab_size: int = TOKENIZER_VOCAB_SIZE) -
         extra_special_tokens=list(SPECIAL_TOKENS),
         model_max_length=2048,
     )
-    tokenizer.add_special_tokens({"additional_special_tokens": list(SPECIAL_TOKENS)})
     return tokenizer
 
 
