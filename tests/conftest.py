@@ -75,7 +75,10 @@ def make_batch(processor: Qwen2VLAProcessor, samples: list[Sample]) -> dict:
     """Right-padded training inputs; labels cover the assistant's answer only."""
     full_texts, prompt_lengths = [], []
     for sample in samples:
-        user = {"role": "user", "content": [{"type": "image"}] * len(sample.images) + [{"type": "text", "text": sample.prompt}]}
+        user = {
+            "role": "user",
+            "content": [{"type": "image"}] * len(sample.images) + [{"type": "text", "text": sample.prompt}],
+        }
         prompt = processor.apply_chat_template([user], add_generation_prompt=True)
         full_texts.append(prompt + sample.answer + "<|im_end|>")
         prompt_inputs = processor(text=[prompt], images=sample.images or None, return_tensors="pt")

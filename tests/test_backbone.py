@@ -108,7 +108,10 @@ def broken_copy(tiny_backbone, tmp_path, breakage):
 @pytest.mark.parametrize(
     "breakage, message",
     [
-        (lambda f: (f / "preprocessor_config.json").unlink() or (f / "processor_config.json").unlink(), "no image processor"),
+        (
+            lambda f: (f / "preprocessor_config.json").unlink() or (f / "processor_config.json").unlink(),
+            "no image processor",
+        ),
         (lambda f: (f / "chat_template.jinja").unlink(), "no chat template"),
         (lambda f: (f / "tokenizer.json").unlink(), "no tokenizer"),
         (lambda f: (f / "model.safetensors").unlink(), "no weights"),
@@ -125,7 +128,16 @@ def broken_copy(tiny_backbone, tmp_path, breakage):
             "model-00002-of-00002.safetensors: missing",
         ),
     ],
-    ids=["no-processor", "no-chat-template", "no-tokenizer", "no-weights", "bad-json", "wrong-type", "truncated", "lost-shard"],
+    ids=[
+        "no-processor",
+        "no-chat-template",
+        "no-tokenizer",
+        "no-weights",
+        "bad-json",
+        "wrong-type",
+        "truncated",
+        "lost-shard",
+    ],
 )
 def test_incomplete_or_corrupt_backbone_gives_a_clear_error(tiny_backbone, tmp_path, breakage, message, capsys):
     folder = broken_copy(tiny_backbone, tmp_path, breakage)

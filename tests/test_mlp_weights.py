@@ -27,13 +27,18 @@ def test_saved_file_holds_every_layers_mlp_under_transformers_5_names(tiny_backb
     assert sorted(saved) == sorted(mlp_key(layer, projection) for layer in range(layers) for projection in PROJECTIONS)
     for layer in range(layers):
         for projection in PROJECTIONS:
-            assert torch.equal(saved[mlp_key(layer, projection)], backbone[f"model.layers.{layer}.mlp.{projection}.weight"])
+            assert torch.equal(
+                saved[mlp_key(layer, projection)], backbone[f"model.layers.{layer}.mlp.{projection}.weight"]
+            )
 
 
 def test_moe_initialised_from_the_saved_weights_gives_the_dense_logits(tiny_backbone, vla_model, mixed_batch):
     dense = Qwen2VLForConditionalGeneration.from_pretrained(tiny_backbone).eval()
     vla_model.eval()
-    inputs = {key: mixed_batch[key] for key in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")}
+    inputs = {
+        key: mixed_batch[key]
+        for key in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
+    }
     with torch.no_grad():
         expected = dense(**inputs).logits
         for route in (mixed_batch["expert_route"], torch.zeros(4, dtype=torch.long), torch.ones(4, dtype=torch.long)):
@@ -57,13 +62,18 @@ def module_layout(tiny_backbone, tmp_path):
     return folder
 
 
-def test_backbones_in_either_weight_layout_work_end_to_end(tiny_backbone, mlp_weights, vla_model, mixed_batch, tmp_path):
+def test_backbones_in_either_weight_layout_work_end_to_end(
+    tiny_backbone, mlp_weights, vla_model, mixed_batch, tmp_path
+):
     other_layout = module_layout(tiny_backbone, tmp_path)
     other_mlp = save_mlp_weights(other_layout, tmp_path / "other_mlp.safetensors")
     assert load_file(other_mlp).keys() == load_file(mlp_weights).keys()
     model = load_vla_with_moe_init(make_vla_folder(other_layout, tmp_path / "vla"), other_mlp).eval()
     vla_model.eval()
-    inputs = {key: mixed_batch[key] for key in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "expert_route")}
+    inputs = {
+        key: mixed_batch[key]
+        for key in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "expert_route")
+    }
     with torch.no_grad():
         assert torch.equal(model(**inputs).logits, vla_model(**inputs).logits)
 
@@ -89,7 +99,9 @@ def test_backbones_in_either_weight_layout_work_end_to_end(tiny_backbone, mlp_we
     ],
     ids=["missing", "mismatched", "extra-layer", "foreign"],
 )
-def test_a_wrong_mlp_file_is_an_error_naming_the_key_and_changes_nothing(vla_model, mlp_weights, tmp_path, edit, message):
+def test_a_wrong_mlp_file_is_an_error_naming_the_key_and_changes_nothing(
+    vla_model, mlp_weights, tmp_path, edit, message
+):
     tensors = {key: tensor.clone() for key, tensor in load_file(mlp_weights).items()}
     edit(tensors)
     save_file(tensors, tmp_path / "edited.safetensors")

@@ -85,7 +85,9 @@ def test_loss_components_add_up_as_the_recipe_says(vla_model, mixed_batch):
     output = vla_model(**mixed_batch)
     labels = mixed_batch["labels"][:, 1:]
     logits = output.logits[:, :-1]
-    mean_ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX)
+    mean_ce = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX
+    )
     assert torch.allclose(output.reasoning_loss + output.vl_loss + output.text_only_loss, mean_ce, atol=1e-6)
     assert output.ce_loss == output.reasoning_loss + output.vl_loss + output.text_only_loss
     for part in (output.reasoning_loss, output.vl_loss, output.text_only_loss, output.action_loss):
@@ -95,10 +97,16 @@ def test_loss_components_add_up_as_the_recipe_says(vla_model, mixed_batch):
     # the parts are split by sample kind: the robot rows alone carry the whole reasoning loss
     tokens_per_row = (labels != IGNORE_INDEX).sum(1).float()
     robot = mixed_batch["expert_route"] == ROBOT_EXPERT
-    rows = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none").sum(1)
+    rows = torch.nn.functional.cross_entropy(
+        logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none"
+    ).sum(1)
     assert torch.allclose(output.reasoning_loss, rows[robot].sum() / tokens_per_row.sum(), atol=1e-6)
 
-    vl_only = {key: value[~robot] if value.shape[0] == 4 else value for key, value in mixed_batch.items() if key != "pixel_values"}
+    vl_only = {
+        key: value[~robot] if value.shape[0] == 4 else value
+        for key, value in mixed_batch.items()
+        if key != "pixel_values"
+    }
     vl_only.pop("image_grid_thw")
     vl_only["input_ids"] = mixed_batch["input_ids"][~robot]
     text_only = {key: value[1:] for key, value in vl_only.items()}  # the text-only VL sample
@@ -127,7 +135,9 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(vla_model, mix
         torch.manual_seed(0)
         loss = vla_model(**mixed_batch).loss
         loss.backward()
-        results.append((loss.detach(), {n: p.grad.clone() for n, p in vla_model.named_parameters() if p.grad is not None}))
+        results.append(
+            (loss.detach(), {n: p.grad.clone() for n, p in vla_model.named_parameters() if p.grad is not None})
+        )
     (loss_plain, grads_plain), (loss_checkpointed, grads_checkpointed) = results
     assert torch.allclose(loss_plain, loss_checkpointed, atol=1e-6)
     assert grads_plain.keys() == grads_checkpointed.keys()
@@ -140,7 +150,9 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(vla_model, mix
 def test_batched_predict_action_returns_one_chunk_per_sample(vla_model, processor):
     vla_model.eval()
     images = [[random_image(seed, size)] for seed, size in ((0, (64, 64)), (1, (48, 64)), (2, (64, 96)))]
-    inputs = processor.generation_inputs(images, [language.TRANSFER_CUBE_INSTRUCTION, "Lift the cube.", "Hand it over."])
+    inputs = processor.generation_inputs(
+        images, [language.TRANSFER_CUBE_INSTRUCTION, "Lift the cube.", "Hand it over."]
+    )
     prediction = vla_model.predict_action(
         **inputs, states=torch.randn(3, STATE_DIM), max_reasoning_tokens=6, generator=torch.Generator().manual_seed(0)
     )
@@ -193,7 +205,9 @@ def test_policy_head_starts_at_zero_noise_and_learns(vla_model):
     states = torch.randn(8, STATE_DIM)
     noisy = torch.randn(8, CHUNK_SIZE, ACTION_DIM)
     with torch.no_grad():
-        assert torch.equal(head.predict_noise(noisy, torch.zeros(8, dtype=torch.long), condition, states), torch.zeros_like(noisy))
+        assert torch.equal(
+            head.predict_noise(noisy, torch.zeros(8, dtype=torch.long), condition, states), torch.zeros_like(noisy)
+        )
     actions = torch.rand(8, CHUNK_SIZE, ACTION_DIM) * 2 - 1
     is_pad = torch.zeros(8, CHUNK_SIZE, dtype=torch.bool)
     optimizer = torch.optim.AdamW(head.parameters(), lr=1e-3)

@@ -40,7 +40,15 @@ def test_vla_folder_loads_as_the_vla_model_through_the_auto_classes(vla_folder, 
 
     written = json.loads((vla_folder / "config.json").read_text())
     backbone = json.loads((tiny_backbone / "config.json").read_text())
-    vla_keys = {"architectures", "model_type", "policy_head_type", "policy_head_config", "using_moe", "with_llm_head", "llm_loss_weight"}
+    vla_keys = {
+        "architectures",
+        "model_type",
+        "policy_head_type",
+        "policy_head_config",
+        "using_moe",
+        "with_llm_head",
+        "llm_loss_weight",
+    }
     assert {key: value for key, value in written.items() if key not in vla_keys} == {
         key: value for key, value in backbone.items() if key not in vla_keys
     }
@@ -73,7 +81,12 @@ def test_official_2b_config_builds_the_vla_model_on_the_meta_device(tmp_path):
     config = AutoConfig.from_pretrained(tmp_path)
     assert type(config) is Qwen2VLAConfig
     text = config.text_config
-    assert (text.hidden_size, text.num_hidden_layers, text.intermediate_size, text.vocab_size) == (1536, 28, 8960, 151936)
+    assert (text.hidden_size, text.num_hidden_layers, text.intermediate_size, text.vocab_size) == (
+        1536,
+        28,
+        8960,
+        151936,
+    )
     assert text.rope_parameters["mrope_section"] == [16, 24, 24]
     assert (config.vision_config.depth, config.vision_config.embed_dim) == (32, 1280)
 

@@ -26,9 +26,15 @@ from vlaflow.models.qwen2_vla.processing_qwen2_vla import Qwen2VLAProcessor
 
 # Text-model shapes; the vision tower stays small (its width must equal the text width).
 SIZES = {
-    "tiny": dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
-    "mlp-heavy": dict(hidden_size=512, intermediate_size=4096, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2),
-    "2b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2),
+    "tiny": dict(
+        hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
+    ),
+    "mlp-heavy": dict(
+        hidden_size=512, intermediate_size=4096, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2
+    ),
+    "2b": dict(
+        hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2
+    ),
 }
 
 
@@ -115,7 +121,9 @@ def main() -> None:
         batch = {key: value.to(args.device) for key, value in batch.items()}
         tokens = int(batch["attention_mask"].sum())
         print(f"batch: {args.batch_size} samples (half robot), {tokens} tokens; device {args.device}, {args.dtype}")
-        print(f"{'size':>10} {'params':>8} {'dense ms':>9} {'routed ms':>10} {'blend ms':>9} {'routed/dense':>13} {'blend/dense':>12}")
+        print(
+            f"{'size':>10} {'params':>8} {'dense ms':>9} {'routed ms':>10} {'blend ms':>9} {'routed/dense':>13} {'blend/dense':>12}"
+        )
         for size in args.sizes:
             torch.manual_seed(0)
             dense = Qwen2VLAForConditionalGeneration(build_config(backbone, size, using_moe=False))

@@ -52,5 +52,7 @@ def check_model(folder: Path, mlp_weights: Path | None = None, batch_size: int =
     states = torch.zeros(batch_size, head.state_dim)
     prediction = model.predict_action(**inputs, states=states, generator=torch.Generator().manual_seed(seed))
     reasoning = processor.batch_decode(prediction.reasoning_ids, skip_special_tokens=True)
-    print(f"action chunks (robot expert): {tuple(prediction.actions.shape)}, finite: {bool(prediction.actions.isfinite().all())}")
+    print(
+        f"action chunks (robot expert): {tuple(prediction.actions.shape)}, finite: {bool(prediction.actions.isfinite().all())}"
+    )
     print(f"reasoning before acting: {reasoning}")

@@ -15,7 +15,6 @@ from vlaflow.fs import atomic_directory
 from vlaflow.models.qwen2_vla import Qwen2VLAConfig, Qwen2VLAForConditionalGeneration
 from vlaflow.models.scale_dp import ScaleDPConfig
 
-
 VLA_FIELDS = ("policy_head_type", "using_moe", "with_llm_head", "llm_loss_weight")
 POLICY_HEAD_FIELDS = ("size", "action_dim", "state_dim", "chunk_size")
 

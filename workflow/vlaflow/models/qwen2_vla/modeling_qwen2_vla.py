@@ -244,7 +244,9 @@ class Qwen2VLAForConditionalGeneration(Qwen2VLForConditionalGeneration):
         if labels is not None:
             self._add_token_losses(result, logits, labels, input_ids, expert_route)
         if actions is not None:
-            result.action_loss = self._action_loss(hidden_states, labels, attention_mask, expert_route, actions, states, is_pad)
+            result.action_loss = self._action_loss(
+                hidden_states, labels, attention_mask, expert_route, actions, states, is_pad
+            )
         if result.ce_loss is not None or result.action_loss is not None:
             result.loss = self._total_loss(result)
         return result
