@@ -1,0 +1,320 @@
+import re
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tests.conftest import ACTION_DIM, CHUNK_SIZE, STATE_DIM
+from tests.data_factory import episode_arrays, make_episode, smooth_frames
+from vlaflow.data.episode_format import ACTION, IMAGES, encode_jpeg, write_episode
+from vlaflow.data.images import draw_augmentation
+from vlaflow.data.robot_dataset import RobotEpisodeDataset, check_frames_decode, inspect_episode, list_episode_files
+from vlaflow.data.samples import RobotSpec
+from vlaflow.data.stats import NormStats, compute_stats
+from vlaflow.errors import VlaflowError
+
+CHUNK = CHUNK_SIZE
+SPEC = RobotSpec(cameras=("top",), image_size=(16, 20), action_dim=ACTION_DIM, state_dim=STATE_DIM, chunk_size=CHUNK)
+
+
+def dataset_of(paths, **kwargs) -> RobotEpisodeDataset:
+    return RobotEpisodeDataset(paths, SPEC, compute_stats(paths), **kwargs)
+
+
+def raw_chunk(dataset, sample) -> np.ndarray:
+    return dataset.stats.unnormalize_actions(sample.actions[~sample.is_pad])
+
+
+def test_sim_chunk_starts_at_t(tmp_path):
+    path = make_episode(tmp_path / "sim.hdf5", sim=True)
+    dataset = dataset_of([path])
+    actions, _ = episode_arrays(10)
+    sample = dataset[3]
+    assert not sample.is_pad.any()
+    np.testing.assert_allclose(raw_chunk(dataset, sample), actions[3:8], atol=1e-5)
+
+
+def test_real_chunk_starts_at_t_minus_one_clamped_at_zero(tmp_path):
+    path = make_episode(tmp_path / "real.hdf5", sim=False)
+    dataset = dataset_of([path])
+    actions, _ = episode_arrays(10)
+    np.testing.assert_allclose(raw_chunk(dataset, dataset[3]), actions[2:7], atol=1e-5)
+    np.testing.assert_allclose(raw_chunk(dataset, dataset[0]), actions[0:5], atol=1e-5)
+    np.testing.assert_allclose(raw_chunk(dataset, dataset[1]), actions[0:5], atol=1e-5)
+
+
+def test_chunk_padded_past_episode_end(tmp_path):
+    path = make_episode(tmp_path / "sim.hdf5", sim=True)
+    dataset = dataset_of([path])
+    actions, _ = episode_arrays(10)
+    sample = dataset[8]
+    assert sample.is_pad.tolist() == [False, False, True, True, True]
+    assert sample.actions.shape == (CHUNK, ACTION_DIM) and sample.actions.dtype == np.float32
+    np.testing.assert_array_equal(sample.actions[2:], 0)
+    np.testing.assert_allclose(raw_chunk(dataset, sample), actions[8:10], atol=1e-5)
+
+
+def test_samples_span_episodes_in_order(tmp_path):
+    paths = [make_episode(tmp_path / "a.hdf5", length=4, seed=1), make_episode(tmp_path / "b.hdf5", length=6, seed=2)]
+    dataset = dataset_of(paths)
+    assert len(dataset) == 10
+    assert [dataset[i].source for i in (0, 3, 4, 9)] == [
+        f"{paths[0]}:0",
+        f"{paths[0]}:3",
+        f"{paths[1]}:0",
+        f"{paths[1]}:5",
+    ]
+    assert dataset[3].instruction == "task 1" and dataset[4].instruction == "task 2"
+    with pytest.raises(IndexError):
+        dataset[10]
+
+
+def test_reasoning_per_step_then_episode_then_empty(tmp_path):
+    steps = [f"step {t}" for t in range(10)]
+    per_step = make_episode(tmp_path / "a.hdf5", substep_reasonings=steps, reasoning="whole episode")
+    episode_level = make_episode(tmp_path / "b.hdf5", reasoning="whole episode")
+    none = make_episode(tmp_path / "c.hdf5")
+    dataset = dataset_of([per_step, episode_level, none])
+    assert [dataset[i].reasoning for i in (0, 7, 10, 17, 20)] == [
+        "step 0",
+        "step 7",
+        "whole episode",
+        "whole episode",
+        "",
+    ]
+
+
+def test_state_and_actions_normalised_with_stats(tmp_path):
+    path = make_episode(tmp_path / "sim.hdf5")
+    dataset = dataset_of([path])
+    actions, qpos = episode_arrays(10)
+    sample = dataset[4]
+    stats = dataset.stats
+    np.testing.assert_allclose(sample.state, (qpos[4] - stats.state_mean) / stats.state_std, rtol=1e-5)
+    assert sample.state.dtype == np.float32 and sample.state.shape == (STATE_DIM,)
+    everything = np.concatenate([dataset[i].actions for i in range(len(dataset))])
+    assert everything.min() >= -1 - 1e-6 and everything.max() <= 1 + 1e-6
+    np.testing.assert_allclose(stats.unnormalize_actions(stats.normalize_actions(actions)), actions, atol=1e-5)
+
+
+def test_images_resized_to_spec(tmp_path):
+    dataset = dataset_of([make_episode(tmp_path / "sim.hdf5", cameras=("top", "wrist"))])
+    images = dataset[0].images
+    assert len(images) == 1  # only the configured camera
+    assert images[0].size == (20, 16) and images[0].mode == "RGB"
+
+
+def test_jpeg_episode_decodes_close_to_raw(tmp_path):
+    raw = dataset_of([make_episode(tmp_path / "raw.hdf5")])
+    jpeg = dataset_of([make_episode(tmp_path / "jpeg.hdf5", compress=True)])
+    assert jpeg.episodes[0].compressed and not raw.episodes[0].compressed
+    for index in (0, 9):
+        difference = np.abs(np.asarray(raw[index].images[0], float) - np.asarray(jpeg[index].images[0], float))
+        assert difference.mean() < 3
+
+
+def test_variable_length_jpeg_bytes_decode(tmp_path):
+    frames = smooth_frames(3)
+    path = tmp_path / "vlen.hdf5"
+    with h5py.File(path, "w") as file:
+        file[ACTION], file["observations/qpos"] = episode_arrays(3)
+        file["language_raw"] = [b"task"]
+        camera = file.create_dataset(f"{IMAGES}/top", (3,), dtype=h5py.vlen_dtype(np.uint8))
+        for t, frame in enumerate(frames):
+            camera[t] = np.frombuffer(encode_jpeg(frame), dtype=np.uint8)
+    dataset = RobotEpisodeDataset([path], SPEC, compute_stats([path]))
+    assert dataset.episodes[0].compressed and not dataset.episodes[0].sim
+    assert check_frames_decode(path, SPEC) == {"top": (24, 32)}
+    expected = np.asarray(Image.fromarray(frames[2]).resize((20, 16), Image.Resampling.BILINEAR), float)
+    assert np.abs(np.asarray(dataset[2].images[0], float) - expected).mean() < 3
+
+
+def test_augmentation_deterministic_per_seed_index_and_epoch(tmp_path):
+    paths = [make_episode(tmp_path / "sim.hdf5")]
+    first, second = dataset_of(paths, augment=True, seed=7), dataset_of(paths, augment=True, seed=7)
+    plain = dataset_of(paths)
+
+    def pixels(dataset, index):
+        return np.asarray(dataset[index].images[0])
+
+    np.testing.assert_array_equal(pixels(first, 3), pixels(second, 3))
+    assert pixels(first, 3).shape == (16, 20, 3)
+    assert not np.array_equal(pixels(first, 3), pixels(plain, 3))
+    assert not np.array_equal(pixels(first, 3), pixels(dataset_of(paths, augment=True, seed=8), 3))
+    second.set_epoch(1)
+    assert not np.array_equal(pixels(first, 3), pixels(second, 3))
+
+
+def test_augmentation_differs_across_indices():
+    draws = {draw_augmentation(np.random.default_rng((0, 0, index))) for index in range(20)}
+    assert len(draws) == 20
+    for augmentation in draws:
+        assert abs(augmentation.rotation_degrees) <= 5
+        factors = dict(augmentation.jitter_factors)
+        assert 0.7 <= factors["brightness"] <= 1.3 and 0.6 <= factors["contrast"] <= 1.4
+        assert 0.5 <= factors["saturation"] <= 1.5
+
+
+def test_dataloader_workers_match_single_process(tmp_path):
+    paths = [make_episode(tmp_path / f"ep{i}.hdf5", length=6, seed=i, sim=bool(i % 2)) for i in range(3)]
+    dataset = dataset_of(paths)
+    dataset[0]  # the parent holds an open handle when the workers fork
+
+    def load(workers):
+        loader = torch.utils.data.DataLoader(dataset, batch_size=4, num_workers=workers, collate_fn=list)
+        return [sample for batch in loader for sample in batch]
+
+    serial, parallel = load(0), load(2)
+    assert len(serial) == len(parallel) == 18
+    for a, b in zip(serial, parallel):
+        assert a.source == b.source and a.instruction == b.instruction and a.reasoning == b.reasoning
+        np.testing.assert_array_equal(a.actions, b.actions)
+        np.testing.assert_array_equal(a.is_pad, b.is_pad)
+        np.testing.assert_array_equal(a.state, b.state)
+        np.testing.assert_array_equal(np.asarray(a.images[0]), np.asarray(b.images[0]))
+
+
+def test_stats_streamed_equal_numpy_on_concatenation(tmp_path):
+    lengths = (7, 12, 5)
+    paths = [make_episode(tmp_path / f"ep{i}.hdf5", length=n, seed=i) for i, n in enumerate(lengths)]
+    stats = compute_stats(paths)
+    actions = np.concatenate([episode_arrays(n, i)[0] for i, n in enumerate(lengths)]).astype(np.float64)
+    qpos = np.concatenate([episode_arrays(n, i)[1] for i, n in enumerate(lengths)]).astype(np.float64)
+    assert (stats.episodes, stats.frames) == (3, 24)
+    for got, expected in [
+        (stats.action_min, actions.min(0)),
+        (stats.action_max, actions.max(0)),
+        (stats.action_mean, actions.mean(0)),
+        (stats.action_std, actions.std(0)),
+        (stats.state_mean, qpos.mean(0)),
+        (stats.state_std, qpos.std(0)),
+        (stats.state_min, qpos.min(0)),
+        (stats.state_max, qpos.max(0)),
+    ]:
+        np.testing.assert_allclose(got, expected, rtol=1e-9, atol=1e-12)
+
+
+def test_constant_dimensions_normalise_finitely(tmp_path):
+    path = tmp_path / "still.hdf5"
+    write_episode(
+        path,
+        actions=np.ones((4, ACTION_DIM)),
+        qpos=np.ones((4, STATE_DIM)),
+        images={"top": smooth_frames(4)},
+        language="stay",
+        sim=True,
+    )
+    sample = dataset_of([path])[0]
+    assert np.isfinite(sample.actions).all() and np.isfinite(sample.state).all()
+
+
+def test_stats_json_round_trip(tmp_path):
+    stats = compute_stats([make_episode(tmp_path / "ep.hdf5")])
+    loaded = NormStats.load(stats.save(tmp_path / "stats.json"))
+    for name, value in vars(stats).items():
+        np.testing.assert_array_equal(getattr(loaded, name), value)
+
+
+@pytest.mark.parametrize(
+    "content, field",
+    [
+        ("{not json", "not a JSON"),
+        ('{"action_min": [1.0]}', "action_max: missing"),
+        ('{"action_min": "x"}', "action_min: expected"),
+    ],
+)
+def test_stats_load_names_file_and_field(tmp_path, content, field):
+    stats_file = tmp_path / "stats.json"
+    stats_file.write_text(content)
+    with pytest.raises(VlaflowError, match=f"^{re.escape(str(stats_file))}: {field}"):
+        NormStats.load(stats_file)
+
+
+def without(path, key):
+    with h5py.File(path, "a") as file:
+        del file[key]
+    return path
+
+
+@pytest.mark.parametrize(
+    "prepare, spec_change, message",
+    [
+        (lambda p: without(p, ACTION), {}, "/action: missing"),
+        (lambda p: p, {"action_dim": 14}, "/action: dimension 4, the config says 14"),
+        (lambda p: p, {"state_dim": 7}, "/observations/qpos: dimension 3, the config says 7"),
+        (
+            lambda p: p,
+            {"cameras": ("top", "wrist")},
+            "/observations/images/wrist: camera missing (episode has: left, top)",
+        ),
+        (lambda p: without(p, "language_raw"), {}, "/language_raw: missing"),
+    ],
+)
+def test_inspect_episode_names_file_and_field(tmp_path, prepare, spec_change, message):
+    path = prepare(make_episode(tmp_path / "ep3.hdf5", cameras=("top", "left")))
+    spec = RobotSpec(**{**vars(SPEC), **spec_change})
+    with pytest.raises(VlaflowError) as error:
+        inspect_episode(path, spec)
+    assert str(error.value) == f"{path}: {message}"
+
+
+def test_inspect_episode_reports_contents(tmp_path):
+    path = make_episode(tmp_path / "ep.hdf5", cameras=("top", "left"), sim=False, reasoning="why")
+    info = inspect_episode(path, SPEC)
+    assert (info.frames, info.sim, info.action_dim, info.state_dim) == (10, False, ACTION_DIM, STATE_DIM)
+    assert info.cameras == ("left", "top") and info.image_shapes == {"top": (24, 32, 3)}
+    assert (info.compressed, info.instruction, info.reasoning, info.has_substep_reasonings) == (
+        False,
+        "task 0",
+        "why",
+        False,
+    )
+
+
+def test_nan_in_actions_named_by_stats(tmp_path):
+    path = make_episode(tmp_path / "ep.hdf5")
+    with h5py.File(path, "a") as file:
+        file[ACTION][6, 1] = np.nan
+    with pytest.raises(VlaflowError, match=f"^{re.escape(str(path))}: /action: NaN or infinite value at frame 6$"):
+        compute_stats([path])
+
+
+def test_not_an_hdf5_file(tmp_path):
+    path = tmp_path / "ep.hdf5"
+    path.write_text("not hdf5")
+    with pytest.raises(VlaflowError, match=f"^{re.escape(str(path))}: not a readable HDF5 file"):
+        inspect_episode(path, SPEC)
+    with pytest.raises(VlaflowError, match=f"^{re.escape(str(path))}: not a readable HDF5 file"):
+        compute_stats([path])
+
+
+def test_corrupt_jpeg_named_by_frame_check_and_loading(tmp_path):
+    path = make_episode(tmp_path / "ep.hdf5", compress=True)
+    with h5py.File(path, "a") as file:
+        file[f"{IMAGES}/top"][4] = 7
+    dataset = dataset_of([path])  # shapes alone look fine
+    message = f"^{re.escape(str(path))}: /observations/images/top: frame 4 does not decode"
+    with pytest.raises(VlaflowError, match=message):
+        check_frames_decode(path, SPEC)
+    with pytest.raises(VlaflowError, match=message):
+        dataset[4]
+
+
+def test_list_episode_files(tmp_path):
+    make_episode(tmp_path / "b" / "ep1.h5")
+    make_episode(tmp_path / "a.hdf5")
+    (tmp_path / "notes.txt").write_text("")
+    assert list_episode_files(tmp_path) == [tmp_path / "a.hdf5", tmp_path / "b" / "ep1.h5"]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(VlaflowError, match=f"^{re.escape(str(tmp_path / 'empty'))}: no episode files"):
+        list_episode_files(tmp_path / "empty")
+
+
+def test_no_episodes_is_an_error(tmp_path):
+    stats = compute_stats([make_episode(tmp_path / "ep.hdf5")])
+    with pytest.raises(VlaflowError, match="no robot episodes"):
+        RobotEpisodeDataset([], SPEC, stats)
+    with pytest.raises(VlaflowError, match="no episodes"):
+        compute_stats([])
