@@ -7,6 +7,12 @@ CPU path of vlaflow has no torchvision and never feeds video, so this subclass d
 from transformers.models.qwen2_vl.processing_qwen2_vl import Qwen2VLProcessor
 
 
+def user_message(text: str, image_count: int = 0) -> dict:
+    """A user turn with its images before the text: the shape of every robot prompt, in
+    training and at inference."""
+    return {"role": "user", "content": [{"type": "image"}] * image_count + [{"type": "text", "text": text}]}
+
+
 class Qwen2VLAProcessor(Qwen2VLProcessor):
     """Image processor + tokenizer + chat template of Qwen2-VL, without the video processor."""
 
@@ -22,11 +28,9 @@ class Qwen2VLAProcessor(Qwen2VLProcessor):
     def generation_inputs(self, images: list[list], texts: list[str]):
         """Left-padded model inputs for a batch of single-turn user prompts, each with its images
         placed before the text, ending with the assistant's turn."""
-        prompts = []
-        for sample_images, text in zip(images, texts, strict=True):
-            content = [{"type": "image"} for _ in sample_images] + [{"type": "text", "text": text}]
-            prompts.append(self.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True))
+        prompts = [
+            self.apply_chat_template([user_message(text, len(sample_images))], add_generation_prompt=True)
+            for sample_images, text in zip(images, texts, strict=True)
+        ]
         flat_images = [image for sample_images in images for image in sample_images]
-        return self(
-            text=prompts, images=flat_images or None, padding=True, padding_side="left", return_tensors="pt"
-        )
+        return self(text=prompts, images=flat_images or None, padding=True, padding_side="left", return_tensors="pt")

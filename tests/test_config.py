@@ -1,0 +1,70 @@
+"""The workflow configuration: schema defaults, and one-line errors that name the key."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from vlaflow.config import ConfigError, load_config, validate_config
+
+SHIPPED = Path(__file__).parents[1] / "config" / "config.yaml"
+
+
+def test_empty_config_gets_every_default():
+    config = validate_config({})
+    assert config["model"] == {"action_dim": 14, "state_dim": 14, "chunk_size": 16}
+    assert config["data"]["cameras"] == ["top"] and config["data"]["image_size"] == [240, 320]
+    assert config["stages"] == {}
+
+
+def test_stage_lists_and_mix_weight_default():
+    config = validate_config({"stages": {"stage2": {"robot": ["a"], "mix": {"vl_ratio": 0.33}}}})
+    assert config["stages"]["stage2"]["vl"] == []
+    assert config["stages"]["stage2"]["mix"] == {"vl_ratio": 0.33, "vl_loss_weight": 1.0}
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"data": {"camera": ["top"]}}, "cfg: data: Additional properties are not allowed ('camera' was unexpected)"),
+        ({"model": {"chunk_size": 0}}, "cfg: model.chunk_size: 0 is less than the minimum of 1"),
+        ({"data": {"image_size": [64]}}, "cfg: data.image_size: [64] is too short"),
+        ({"stages": {"stage3": {}}}, "cfg: stages: Additional properties are not allowed ('stage3' was unexpected)"),
+        ({"stages": {"stage2": {"vl": ["a%x"]}}}, "cfg: stages.stage2.vl.0: 'a%x' does not match"),
+        (
+            {"stages": {"stage2": {"mix": {"vl_batch_fraction": 1.5}}}},
+            "cfg: stages.stage2.mix.vl_batch_fraction: 1.5 is greater than",
+        ),
+        (
+            {"stages": {"stage2": {"mix": {"vl_ratio": 0.3, "vl_batch_fraction": 0.2}}}},
+            "cfg: stages.stage2.mix: set vl_ratio or vl_batch_fraction, not both",
+        ),
+        (
+            {"stages": {"stage2": {"mix": {"vl_ratio": -0.5}}}},
+            "cfg: stages.stage2.mix.vl_ratio: must be -1 (all VL data) or >= 0",
+        ),
+        (["a", "list"], "cfg: expected a mapping of keys, got list"),
+    ],
+)
+def test_errors_name_the_key(config, message):
+    with pytest.raises(ConfigError) as error:
+        validate_config(config, source="cfg")
+    assert str(error.value).startswith(message)
+    assert "\n" not in str(error.value)
+
+
+def test_malformed_yaml_names_the_line(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text("data:\n  root: [unclosed\n")
+    with pytest.raises(ConfigError, match=f"{path}: not valid YAML at line 3"):
+        load_config(path)
+
+
+def test_shipped_default_is_valid_and_lists_the_embedded_datasets():
+    config = load_config(SHIPPED)
+    assert config["stages"]["stage2"] == {
+        "robot": ["aloha_sim_transfer_cube"],
+        "vl": ["easy_vqa"],
+        "mix": {"vl_ratio": 0.33, "vl_loss_weight": 1.0},
+    }
+    assert yaml.safe_load(SHIPPED.read_text())["stages"]["stage1"] == {"robot": ["aloha_sim_transfer_cube"]}

@@ -1,0 +1,70 @@
+"""The workflow configuration: one YAML file, validated against `schemas/config.schema.yaml`
+(the same schema Snakemake's `validate()` uses), with the schema's defaults filled in."""
+
+from importlib import resources
+from pathlib import Path
+
+import yaml
+from jsonschema import Draft202012Validator, validators
+
+from vlaflow.errors import VlaflowError
+
+STAGES = ("vlm", "stage1", "stage2")
+
+
+class ConfigError(VlaflowError):
+    """A configuration file is unreadable or does not match the schema."""
+
+
+def _with_defaults(validator_class):
+    """A validator that also writes each property's schema default into the instance."""
+    check_properties = validator_class.VALIDATORS["properties"]
+
+    def properties_with_defaults(validator, properties, instance, schema):
+        if isinstance(instance, dict):
+            for name, subschema in properties.items():
+                if "default" in subschema:
+                    instance.setdefault(name, subschema["default"])
+        yield from check_properties(validator, properties, instance, schema)
+
+    return validators.extend(validator_class, {"properties": properties_with_defaults})
+
+
+def schema() -> dict:
+    return yaml.safe_load(resources.files("vlaflow").joinpath("schemas/config.schema.yaml").read_text())
+
+
+def read_yaml(path: Path) -> object:
+    try:
+        return yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: missing") from None
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{where}: {getattr(error, 'problem', error)}") from None
+
+
+def validate_config(config: dict, source: str = "config") -> dict:
+    """Fill in defaults and check `config` in place; the first problem is raised naming its key."""
+    if config is None:
+        config = {}
+    if not isinstance(config, dict):
+        raise ConfigError(f"{source}: expected a mapping of keys, got {type(config).__name__}")
+    validator = _with_defaults(Draft202012Validator)(schema())
+    errors = sorted(validator.iter_errors(config), key=lambda error: list(error.absolute_path))
+    if errors:
+        error = errors[0]
+        key = ".".join(str(part) for part in error.absolute_path) or "(top level)"
+        raise ConfigError(f"{source}: {key}: {error.message}")
+    for stage, settings in config["stages"].items():
+        mix = settings.get("mix", {})
+        if "vl_ratio" in mix and "vl_batch_fraction" in mix:
+            raise ConfigError(f"{source}: stages.{stage}.mix: set vl_ratio or vl_batch_fraction, not both")
+        if "vl_ratio" in mix and mix["vl_ratio"] < 0 and mix["vl_ratio"] != -1:
+            raise ConfigError(f"{source}: stages.{stage}.mix.vl_ratio: must be -1 (all VL data) or >= 0")
+    return config
+
+
+def load_config(path: Path) -> dict:
+    return validate_config(read_yaml(path), source=str(path))
