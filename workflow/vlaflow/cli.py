@@ -22,12 +22,12 @@ def _make_vla_config(args) -> None:
     make_vla_folder(
         args.backbone,
         args.out,
-        policy_head=dict(
-            size=args.policy_head_size,
-            action_dim=args.action_dim,
-            state_dim=args.state_dim,
-            chunk_size=args.chunk_size,
-        ),
+        policy_head={
+            "size": args.policy_head_size,
+            "action_dim": args.action_dim,
+            "state_dim": args.state_dim,
+            "chunk_size": args.chunk_size,
+        },
         using_moe=args.using_moe,
         with_llm_head=args.with_llm_head,
         llm_loss_weight=args.llm_loss_weight,
@@ -46,6 +46,78 @@ def _check_model(args) -> None:
     from vlaflow.model_check import check_model
 
     check_model(args.model, args.mlp_weights, batch_size=args.batch_size)
+
+
+def _data_check(args) -> None:
+    from vlaflow.data.check import check_data
+
+    problems = check_data(args.config, image_sample=args.sample_images, model=args.model, batch_size=args.batch_size)
+    if problems:
+        raise VlaflowError(f"{len(problems)} problem(s) in the data of {args.config}; see the lines above")
+    print(f"data of {args.config}: no problems")
+
+
+def _data_easy_vqa(args) -> None:
+    from vlaflow.data.easy_vqa import build_easy_vqa_benchmark, build_easy_vqa_train
+
+    build_easy_vqa_train(args.train_out, limit=args.train_images, seed=args.seed, max_turns=args.max_turns)
+    build_easy_vqa_benchmark(args.benchmark_out, limit=args.benchmark_questions, seed=args.seed, options=args.options)
+    print(f"easy-vqa training conversations in {args.train_out}, benchmark in {args.benchmark_out}")
+
+
+def _data_aloha_demos(args) -> None:
+    from vlaflow.sim.demos import record_demos
+
+    record_demos(
+        args.out,
+        args.episodes,
+        seed=args.seed,
+        height=args.height,
+        width=args.width,
+        camera=args.camera,
+        workers=args.workers,
+        compress=args.compress,
+    )
+
+
+def _add_data_commands(commands) -> None:
+    data = commands.add_parser("data", help="build the embedded default's data; check a config's datasets")
+    data_commands = data.add_subparsers(dest="data_command", required=True)
+
+    check = data_commands.add_parser("check", help="validate every dataset a config uses, before training")
+    check.add_argument("--config", type=Path, required=True)
+    check.add_argument(
+        "--sample-images",
+        type=int,
+        metavar="N",
+        help="decode the images of N episodes / N VL entries per dataset (default: all)",
+    )
+    check.add_argument("--model", type=Path, help="a model folder whose processor collates the shown batch")
+    check.add_argument("--batch-size", type=int, default=4)
+    check.set_defaults(run=_data_check)
+
+    easy_vqa = data_commands.add_parser(
+        "easy-vqa", help="easy-vqa as LLaVA training JSON and a VLMEvalKit TSV benchmark"
+    )
+    easy_vqa.add_argument("train_out", type=Path, help="folder for the images and the LLaVA JSON")
+    easy_vqa.add_argument("benchmark_out", type=Path, help="the benchmark TSV, by convention LMUData/EasyVQA.tsv")
+    easy_vqa.add_argument("--train-images", type=int, help="images of the train split to use (default: all)")
+    easy_vqa.add_argument("--max-turns", type=int, default=8, help="questions per training conversation")
+    easy_vqa.add_argument("--benchmark-questions", type=int, help="questions of the test split to use (default: all)")
+    easy_vqa.add_argument("--options", type=int, default=4, help="option columns of the benchmark")
+    easy_vqa.add_argument("--seed", type=int, default=0)
+    easy_vqa.set_defaults(run=_data_easy_vqa)
+
+    demos = data_commands.add_parser("aloha-demos", help="scripted transfer-cube demonstrations in the ALOHA simulator")
+    demos.add_argument("out", type=Path, help="folder for the HDF5 episodes")
+    demos.add_argument("--episodes", type=int, required=True, help="successful episodes to write")
+    demos.add_argument("--height", type=int, default=240)
+    demos.add_argument("--width", type=int, default=320)
+    demos.add_argument("--camera", default="top")
+    demos.add_argument("--workers", type=int, help="parallel simulator processes (default: one per core)")
+    demos.add_argument("--compress", action="store_true", help="store frames as JPEG")
+    demos.add_argument("--seed", type=int, default=0, help="first seed; episode i uses the i-th seed tried")
+    demos.set_defaults(run=_data_aloha_demos)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--mlp-weights", type=Path, help="initialise both experts from this file first")
     check.add_argument("--batch-size", type=int, default=2)
     check.set_defaults(run=_check_model)
+
+    _add_data_commands(commands)
     return parser
 
 
@@ -89,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.run(args)
     except VlaflowError as error:
-        print(f"vlaflow {args.command}: error: {error}", file=sys.stderr)
+        command = " ".join(filter(None, (args.command, getattr(args, "data_command", None))))
+        print(f"vlaflow {command}: error: {error}", file=sys.stderr)
         return 2
     return 0
 

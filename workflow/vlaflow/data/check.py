@@ -1,0 +1,201 @@
+"""`vlaflow data check`: validate every dataset a config uses before any training starts.
+
+Every problem is reported as one line naming the file and the field; a summary table and one
+decoded batch follow when the data is sound.
+"""
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from vlaflow.config import load_config
+from vlaflow.data.conversations import open_image, parse_entry, read_annotation
+from vlaflow.data.registry import ROBOT, VL, RobotEntry, VLEntry
+from vlaflow.data.robot_dataset import check_frames_decode, inspect_episode, list_episode_files
+from vlaflow.data.stage_data import build_stage_data, load_registry, robot_spec, stage_selections
+from vlaflow.data.stats import compute_stats
+from vlaflow.errors import VlaflowError
+
+MAX_PROBLEMS_SHOWN = 50
+
+
+@dataclass
+class DatasetSummary:
+    name: str
+    kind: str
+    items: int = 0  # episodes or conversations
+    frames: int = 0
+    text_only: int = 0
+    images_per_sample: set = field(default_factory=set)
+    cameras: str = ""
+    dims: str = ""
+    problems: list[str] = field(default_factory=list)
+
+    def row(self) -> list[str]:
+        per_sample = sorted(self.images_per_sample)
+        images = (
+            ""
+            if not per_sample
+            else f"{per_sample[0]}"
+            if len(per_sample) == 1
+            else f"{per_sample[0]}-{per_sample[-1]}"
+        )
+        if self.kind == ROBOT:
+            return [
+                self.name,
+                self.kind,
+                f"{self.items} episodes",
+                f"{self.frames} frames",
+                "",
+                images,
+                self.cameras,
+                self.dims,
+            ]
+        return [self.name, self.kind, f"{self.items} samples", "", f"{self.text_only} text-only", images, "", ""]
+
+
+HEADER = ["dataset", "kind", "size", "frames", "text-only", "images/sample", "cameras", "action/state dims"]
+
+
+def _sampled(count: int, sample: int | None, seed: int) -> set[int]:
+    if sample is None or sample >= count:
+        return set(range(count))
+    return set(np.random.default_rng(seed).choice(count, sample, replace=False).tolist())
+
+
+def check_robot(entry: RobotEntry, config: dict, image_sample: int | None) -> DatasetSummary:
+    summary = DatasetSummary(entry.name, ROBOT)
+    try:
+        spec = robot_spec(config, entry)
+        paths = list_episode_files(entry.path)
+        for split in {"train", *entry.splits}:
+            entry.episodes(split)
+    except VlaflowError as error:
+        summary.problems.append(str(error))
+        return summary
+    summary.cameras = ", ".join(spec.cameras)
+    summary.dims = f"{spec.action_dim} / {spec.state_dim}"
+    summary.images_per_sample.add(len(spec.cameras))
+    decode = _sampled(len(paths), image_sample, config["data"]["seed"])
+    for index, path in enumerate(paths):
+        try:
+            info = inspect_episode(path, spec)
+            compute_stats([path])  # finds NaN / inf in actions and states
+            if index in decode:
+                check_frames_decode(path, spec)
+        except VlaflowError as error:
+            summary.problems.append(str(error))
+            continue
+        summary.items += 1
+        summary.frames += info.frames
+    return summary
+
+
+def check_vl(entry: VLEntry, config: dict, image_sample: int | None) -> DatasetSummary:
+    summary = DatasetSummary(entry.name, VL)
+    try:
+        entries = read_annotation(entry.annotation)
+    except VlaflowError as error:
+        summary.problems.append(str(error))
+        return summary
+    if not entries:
+        summary.problems.append(f"{entry.annotation}: no conversation entries")
+    decode = _sampled(len(entries), image_sample, config["data"]["seed"])
+    for index, raw in enumerate(entries):
+        identifier = raw.get("id") if isinstance(raw, dict) else None
+        where = f"{entry.annotation}: entry {index}" + (f" (id {identifier})" if identifier is not None else "")
+        try:
+            conversation = parse_entry(raw, where)
+            if index in decode:
+                for image in conversation.images:
+                    open_image(entry.images / image, where)
+        except VlaflowError as error:
+            summary.problems.append(str(error))
+            continue
+        summary.items += 1
+        summary.text_only += not conversation.images
+        summary.images_per_sample.add(len(conversation.images))
+    return summary
+
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
+    lines = [" | ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "-|-".join("-" * width for width in widths))
+    return "\n".join(lines)
+
+
+def _describe_batch(config: dict, stage: str, model: Path | None, batch_size: int, source: str) -> str:
+    from vlaflow.data.mixing import MixSampler, epoch_order
+
+    stage_data = build_stage_data(config, stage, source=source)
+    dataset, seed = stage_data.dataset, config["data"]["seed"]
+    one_epoch = epoch_order(
+        stage_data.mix, dataset.n_robot, dataset.n_vl, batch_size=1, world_size=1, seed=seed, epoch=0
+    )
+    robot_in_epoch = int((one_epoch < dataset.n_robot).sum())
+    sampler = MixSampler(dataset, stage_data.mix, batch_size=batch_size, seed=seed)
+    samples = [dataset[index] for index in list(sampler)[:batch_size]]
+    lines = [
+        (
+            f"stage {stage}: {dataset.n_robot} robot timesteps (train split) and {dataset.n_vl} VL samples; "
+            f"one epoch of its mix: {robot_in_epoch} robot + {len(one_epoch) - robot_in_epoch} VL"
+        )
+    ]
+    if model is None:
+        for sample in samples:
+            sizes = ", ".join(f"{image.width}x{image.height}" for image in sample.images) or "no image"
+            text = getattr(sample, "instruction", None) or sample.turns[0][1]
+            lines.append(f"  {sample.source}: {sizes}: {text!r}")
+        return "\n".join(lines)
+
+    from transformers import AutoProcessor
+
+    import vlaflow.models  # noqa: F401  (registers the processor class)
+    from vlaflow.data.collator import Collator
+
+    processor = AutoProcessor.from_pretrained(model)
+    collator = Collator(processor, max_length=config["data"]["max_length"], **_robot_dims(config))
+    batch = collator(samples)
+    for key, value in batch.items():
+        lines.append(f"  {key}: {tuple(value.shape)} {str(value.dtype).removeprefix('torch.')}")
+    ids, labels = batch["input_ids"][0], batch["labels"][0]
+    text = processor.tokenizer.decode(ids[batch["attention_mask"][0].bool()])
+    answer = processor.tokenizer.decode(labels[labels >= 0])
+    lines.append(f"  first sample ({samples[0].source}):\n    text: {text!r}\n    labels: {answer!r}")
+    return "\n".join(lines)
+
+
+def _robot_dims(config: dict) -> dict:
+    return {key: config["model"][key] for key in ("action_dim", "state_dim", "chunk_size")}
+
+
+def check_data(
+    config_path: Path, *, image_sample: int | None = None, model: Path | None = None, batch_size: int = 4, out=print
+) -> list[str]:
+    """Check every dataset the config's stages use; print the findings; return the problems."""
+    source = str(config_path)
+    config = load_config(config_path)
+    registry = load_registry(config)
+    used, problems = {}, []
+    for stage in config["stages"]:
+        try:
+            for selections in stage_selections(config, registry, stage, source).values():
+                used.update({selection.entry.name: selection.entry for selection in selections})
+        except VlaflowError as error:
+            problems.append(str(error))
+    summaries = [
+        (check_robot if entry.kind == ROBOT else check_vl)(entry, config, image_sample) for entry in used.values()
+    ]
+    out(_table([HEADER] + [summary.row() for summary in summaries]))
+    for summary in summaries:
+        problems += summary.problems
+    for problem in problems[:MAX_PROBLEMS_SHOWN]:
+        out(f"problem: {problem}")
+    if len(problems) > MAX_PROBLEMS_SHOWN:
+        out(f"... and {len(problems) - MAX_PROBLEMS_SHOWN} more problems")
+    if not problems:
+        for stage in config["stages"]:
+            out(_describe_batch(config, stage, model, batch_size, source))
+    return problems
