@@ -1,0 +1,105 @@
+"""ALOHA's transfer-cube scene in two forms: joint-position control that renders one camera (what a
+policy sees and drives), and end-effector (mocap) control without cameras (what the scripted plan drives)."""
+
+import os
+
+os.environ.setdefault("MUJOCO_GL", "egl")  # headless rendering; must be set before dm_control loads
+
+from dataclasses import dataclass
+
+import numpy as np
+from dm_control import mujoco
+from dm_control.rl import control
+from dm_control.suite import base
+from gym_aloha.constants import ASSETS_DIR, DT
+from gym_aloha.tasks import sim as joint_tasks
+from gym_aloha.tasks.sim_end_effector import TransferCubeEndEffectorTask
+from gym_aloha.utils import sample_box_pose
+
+EPISODE_LENGTH = 400  # ACT's transfer-cube episodes
+MAX_REWARD = 4  # the left gripper holds the cube above the table
+# MuJoCo 3 weld constraints carry a torque scale (equality data column 10). At the default 1 the
+# mocap weld cannot hold the gripper's orientation against the arm's actuators and the grasp fails.
+WELD_TORQUE_SCALE_COLUMN = 10
+WELD_TORQUE_SCALE = 3.75
+# The scene asks for a 4096² shadow map, most of a frame's cost in software rendering (Mesa llvmpipe);
+# at 2048² the frames differ from it by 0.03 grey levels on average, at about two thirds of the cost.
+SHADOW_MAP_SIZE = 2048
+
+
+@dataclass(frozen=True)
+class Observation:
+    qpos: np.ndarray  # (14,) joint positions, grippers normalised to 0 (closed) .. 1 (open)
+    qvel: np.ndarray  # (14,)
+    image: np.ndarray  # (H, W, 3) uint8 from the simulator's camera
+
+
+class _OneCameraTask(joint_tasks.TransferCubeTask):
+    def __init__(self, height: int, width: int, camera: str):
+        super().__init__()
+        self.height, self.width, self.camera = height, width, camera
+
+    def get_observation(self, physics):
+        return Observation(
+            qpos=self.get_qpos(physics),
+            qvel=self.get_qvel(physics),
+            image=physics.render(height=self.height, width=self.width, camera_id=self.camera),
+        )
+
+
+class _CameralessEndEffectorTask(TransferCubeEndEffectorTask):
+    box_pose: np.ndarray
+
+    def initialize_episode(self, physics):
+        self.initialize_robots(physics)
+        physics.named.data.qpos["red_box_joint"] = self.box_pose
+        base.Task.initialize_episode(self, physics)  # skips the parent's unseeded box placement
+
+    def get_observation(self, physics):
+        return {
+            "qpos": self.get_qpos(physics),
+            "box_pose": self.get_env_state(physics),
+            "mocap_pose_left": np.concatenate([physics.data.mocap_pos[0], physics.data.mocap_quat[0]]),
+            "mocap_pose_right": np.concatenate([physics.data.mocap_pos[1], physics.data.mocap_quat[1]]),
+            "gripper_ctrl": physics.data.ctrl.copy(),
+        }
+
+
+def _environment(xml: str, task: base.Task) -> control.Environment:
+    physics = mujoco.Physics.from_xml_path(str(ASSETS_DIR / xml))
+    return control.Environment(physics, task, time_limit=float("inf"), control_timestep=DT, flat_observation=False)
+
+
+class TransferCubeSim:
+    """Joint-position control: actions are 14 absolute joint targets with normalised grippers;
+    the reward runs 0..4, and 4 (MAX_REWARD) is success."""
+
+    def __init__(self, height: int = 240, width: int = 320, camera: str = "top"):
+        self._env = _environment("bimanual_viperx_transfer_cube.xml", _OneCameraTask(height, width, camera))
+        self._env.physics.model.vis.quality.shadowsize = SHADOW_MAP_SIZE  # read when the first frame is rendered
+
+    def reset(self, seed: int) -> Observation:
+        joint_tasks.BOX_POSE[0] = sample_box_pose(seed)  # the stock task reads its box pose from here
+        return self._env.reset().observation
+
+    def step(self, action: np.ndarray) -> tuple[Observation, int]:
+        step = self._env.step(np.asarray(action, dtype=np.float64))
+        return step.observation, int(step.reward)
+
+
+class EndEffectorTransferCubeSim:
+    """Mocap control: actions are, per arm (left, then right), the gripper's xyz, quaternion (w, x, y, z)
+    and normalised opening. Observations are dicts with `qpos`, `box_pose`, the two mocap poses and
+    the gripper actuators' `gripper_ctrl`."""
+
+    def __init__(self):
+        self._task = _CameralessEndEffectorTask()
+        self._env = _environment("bimanual_viperx_end_effector_transfer_cube.xml", self._task)
+        self._env.physics.model.eq_data[:, WELD_TORQUE_SCALE_COLUMN] = WELD_TORQUE_SCALE
+
+    def reset(self, seed: int) -> dict:
+        self._task.box_pose = sample_box_pose(seed)
+        return self._env.reset().observation
+
+    def step(self, action: np.ndarray) -> dict:
+        return self._env.step(np.asarray(action, dtype=np.float64)).observation

@@ -1,0 +1,156 @@
+"""Record successful transfer-cube demonstrations as HDF5 episodes, following ACT's recipe: run the
+scripted plan under end-effector control, then replay its joint trajectory under joint control
+while rendering the camera."""
+
+import json
+import multiprocessing
+import os
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from gym_aloha.constants import normalize_puppet_gripper_position
+
+from vlaflow.data.episode_format import write_episode
+from vlaflow.data.language import TRANSFER_CUBE_INSTRUCTION, TRANSFER_CUBE_REASONING
+from vlaflow.errors import VlaflowError
+from vlaflow.fs import atomic_directory
+from vlaflow.sim.aloha import MAX_REWARD, EndEffectorTransferCubeSim, TransferCubeSim
+from vlaflow.sim.scripted import phase, pick_and_transfer_actions
+
+SUMMARY_FILE = "demos.json"
+
+
+@dataclass
+class DemoReport:
+    paths: list[Path]  # the episodes written, in seed order
+    successes: int
+    failures: int
+    failed_seeds: list[int]
+
+
+def scripted_joint_trajectory(seed: int) -> np.ndarray:
+    """(EPISODE_LENGTH, 14) joint targets: the joint positions the scripted plan passes through under
+    mocap control, with each gripper replaced by its commanded opening: the measured one stops at the
+    cube, and replaying it would not squeeze."""
+    sim = EndEffectorTransferCubeSim()
+    observation = sim.reset(seed)
+    plan = pick_and_transfer_actions(
+        observation["mocap_pose_left"], observation["mocap_pose_right"], observation["box_pose"][:3]
+    )
+    trajectory = []
+    for action in plan:
+        joints = observation["qpos"].copy()
+        joints[6] = normalize_puppet_gripper_position(observation["gripper_ctrl"][0])
+        joints[13] = normalize_puppet_gripper_position(observation["gripper_ctrl"][2])
+        trajectory.append(joints)
+        observation = sim.step(action)
+    return np.stack(trajectory)
+
+
+def record_episode(seed: int, path: Path, *, height: int, width: int, camera: str, compress: bool) -> int:
+    """Replay the scripted trajectory for `seed` under joint control; write the episode to `path` if it
+    succeeds. Returns the replay's maximum reward."""
+    actions = scripted_joint_trajectory(seed)
+    sim = TransferCubeSim(height, width, camera)
+    observation = sim.reset(seed)
+    qpos, qvel, frames, max_reward = [], [], [], 0
+    for action in actions:
+        qpos.append(observation.qpos)
+        qvel.append(observation.qvel)
+        frames.append(observation.image)
+        observation, reward = sim.step(action)
+        max_reward = max(max_reward, reward)
+    if max_reward == MAX_REWARD:
+        write_episode(
+            path,
+            actions=actions,
+            qpos=np.stack(qpos),
+            qvel=np.stack(qvel),
+            images={camera: np.stack(frames)},
+            language=TRANSFER_CUBE_INSTRUCTION,
+            substep_reasonings=[TRANSFER_CUBE_REASONING[phase(step)] for step in range(len(actions))],
+            sim=True,
+            compress=compress,
+        )
+    return max_reward
+
+
+def _staged_name(seed: int) -> str:
+    return f"seed_{seed}.hdf5"
+
+
+def _attempt_seeds(
+    staging: Path, episodes: int, seed: int, max_attempts: int, workers: int, **options
+) -> dict[int, int]:
+    """Try seeds from `seed` on until `episodes` succeed or `max_attempts` are spent; each success is
+    written to `staging`. Returns every tried seed's maximum reward."""
+    rewards: dict[int, int] = {}
+    running = {}
+    next_seed = seed
+    # EGL contexts do not survive fork, so workers start fresh.
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        while True:
+            missing = episodes - sum(reward == MAX_REWARD for reward in rewards.values())
+            # Never more attempts in flight than successes missing: the episodes written are then
+            # the first successful seeds, whatever the number of workers.
+            while len(running) < min(workers, missing) and next_seed - seed < max_attempts:
+                path = staging / _staged_name(next_seed)
+                running[pool.submit(record_episode, next_seed, path, **options)] = next_seed
+                next_seed += 1
+            if not running:
+                return rewards
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                rewards[running.pop(future)] = future.result()
+
+
+def record_demos(
+    out_dir: Path,
+    episodes: int,
+    *,
+    seed: int = 0,
+    height: int = 240,
+    width: int = 320,
+    camera: str = "top",
+    workers: int | None = None,
+    compress: bool = False,
+) -> DemoReport:
+    """Write `episodes` successful demonstrations to `out_dir` as episode_0000.hdf5, ..., trying seeds
+    `seed`, `seed + 1`, ... in parallel. The folder appears only once complete."""
+    if episodes < 1:
+        raise VlaflowError(f"episodes must be at least 1, not {episodes}")
+    max_attempts = 2 * episodes + 5
+    out_dir = Path(out_dir)
+    with atomic_directory(out_dir) as staging:
+        rewards = _attempt_seeds(
+            staging,
+            episodes,
+            seed,
+            max_attempts,
+            workers or os.cpu_count() or 1,
+            height=height,
+            width=width,
+            camera=camera,
+            compress=compress,
+        )
+        successful = sorted(s for s, reward in rewards.items() if reward == MAX_REWARD)
+        failed = sorted(s for s, reward in rewards.items() if reward != MAX_REWARD)
+        summary = f"transfer-cube demos: {len(successful)} succeeded, {len(failed)} failed (seeds {failed})"
+        print(summary, flush=True)
+        if len(successful) < episodes:
+            raise VlaflowError(f"{summary}; gave up after {max_attempts} attempts for {episodes} episodes")
+        names = [f"episode_{index:04d}.hdf5" for index in range(episodes)]
+        for name, episode_seed in zip(names, successful):
+            (staging / _staged_name(episode_seed)).rename(staging / name)
+        summary_fields = {
+            "episodes": [{"file": name, "seed": s} for name, s in zip(names, successful)],
+            "failures": [{"seed": s, "max_reward": rewards[s]} for s in failed],
+            "seeds_tried": sorted(rewards),
+            "camera": camera,
+            "height": height,
+            "width": width,
+        }
+        (staging / SUMMARY_FILE).write_text(json.dumps(summary_fields, indent=2))
+    return DemoReport([out_dir / name for name in names], len(successful), len(failed), failed)
