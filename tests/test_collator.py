@@ -3,48 +3,14 @@ batches the model trains on."""
 
 import logging
 
-import numpy as np
 import pytest
 import torch
 
-from tests.conftest import ACTION_DIM, CHUNK_SIZE, STATE_DIM, random_image
+from tests.conftest import ACTION_DIM, CHUNK_SIZE, STATE_DIM, robot_sample, text_sample, vl_sample
 from vlaflow.data.collator import Collator, robot_answer
-from vlaflow.data.samples import RobotSample, VLSample
 from vlaflow.errors import VlaflowError
 from vlaflow.models.qwen2_vla import ROBOT_EXPERT, VL_EXPERT
 from vlaflow.models.qwen2_vla.modeling_qwen2_vla import IGNORE_INDEX
-
-
-def robot_sample(reasoning="Lift the cube.", images=1) -> RobotSample:
-    rng = np.random.default_rng(0)
-    return RobotSample(
-        images=[random_image(n) for n in range(images)],
-        state=rng.normal(size=STATE_DIM).astype(np.float32),
-        actions=rng.uniform(-1, 1, (CHUNK_SIZE, ACTION_DIM)).astype(np.float32),
-        is_pad=np.arange(CHUNK_SIZE) >= 3,
-        instruction="Pick up the red cube.",
-        reasoning=reasoning,
-        source="ep.hdf5:7",
-    )
-
-
-def vl_sample() -> VLSample:
-    turns = [
-        ("user", "<image>\nwhat color is the shape?"),
-        ("assistant", "red"),
-        ("user", "is there a circle?"),
-        ("assistant", "no"),
-    ]
-    return VLSample([random_image(5)], turns, "vl.json: entry 0")
-
-
-def text_sample() -> VLSample:
-    return VLSample([], [("user", "is there a circle?"), ("assistant", "yes")], "vl.json: entry 1")
-
-
-@pytest.fixture
-def collator(processor):
-    return Collator(processor, max_length=512, action_dim=ACTION_DIM, state_dim=STATE_DIM, chunk_size=CHUNK_SIZE)
 
 
 def labelled_text(processor, batch, row) -> str:
@@ -53,7 +19,7 @@ def labelled_text(processor, batch, row) -> str:
 
 
 def test_labels_cover_exactly_the_assistant_turns(processor, collator):
-    batch = collator([robot_sample(), vl_sample(), text_sample()])
+    batch = collator([robot_sample(0), vl_sample(), text_sample()])
     assert labelled_text(processor, batch, 0) == "Lift the cube. Next action:<|im_end|>"
     assert labelled_text(processor, batch, 1) == "red<|im_end|>no<|im_end|>"
     assert labelled_text(processor, batch, 2) == "yes<|im_end|>"
@@ -71,12 +37,13 @@ def test_tokens_equal_the_processor_on_the_whole_rendered_conversation(processor
     ]
     reference = processor(text=[processor.apply_chat_template(messages)], images=sample.images, return_tensors="pt")
     assert batch["input_ids"][0].tolist() == reference["input_ids"][0].tolist()
+    assert batch["mm_token_type_ids"][0].tolist() == reference["mm_token_type_ids"][0].tolist()
     assert torch.equal(batch["pixel_values"], reference["pixel_values"])
     assert torch.equal(batch["image_grid_thw"], reference["image_grid_thw"])
 
 
 def test_routes_and_robot_targets(collator):
-    robot = robot_sample()
+    robot = robot_sample(0)
     batch = collator([vl_sample(), robot])
     assert batch["expert_route"].tolist() == [VL_EXPERT, ROBOT_EXPERT]
     assert torch.equal(batch["actions"][1], torch.from_numpy(robot.actions))
@@ -130,12 +97,14 @@ def test_mismatched_robot_dimensions_are_an_error(processor):
     collator = Collator(
         processor, max_length=512, action_dim=ACTION_DIM + 1, state_dim=STATE_DIM, chunk_size=CHUNK_SIZE
     )
-    with pytest.raises(VlaflowError, match="ep.hdf5:7: actions"):
-        collator([robot_sample()])
+    with pytest.raises(VlaflowError, match="episode.hdf5:0: actions"):
+        collator([robot_sample(0)])
 
 
 def test_a_collated_mixed_batch_trains_the_model(collator, vla_model):
-    batch = collator([robot_sample(), vl_sample(), text_sample(), robot_sample(reasoning="", images=2)])
+    batch = collator(
+        [robot_sample(0), vl_sample(), text_sample(), robot_sample(3, reasoning="", image_sizes=((64, 64), (48, 64)))]
+    )
     output = vla_model(**batch)
     assert torch.isfinite(output.loss)
     assert output.action_loss > 0 and output.reasoning_loss > 0 and output.vl_loss > 0 and output.text_only_loss > 0

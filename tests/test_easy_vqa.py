@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from vlaflow.data import easy_vqa as builders
+from vlaflow.data.conversations import VLConversationDataset
 from vlaflow.data.easy_vqa import (
     ANSWER_GROUPS,
     EASY_VQA_BENCHMARK,
@@ -261,3 +262,17 @@ def test_benchmark_rejects_impossible_requests(tmp_path, arguments):
     with pytest.raises(VlaflowError):
         build_easy_vqa_benchmark(tmp_path / "b.tsv", **arguments)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_training_conversations_load_and_collate_through_the_data_pipeline(tmp_path, collator):
+    build_easy_vqa_train(tmp_path / "easy_vqa", limit=6, seed=0)
+    dataset = VLConversationDataset(tmp_path / "easy_vqa" / TRAIN_JSON, tmp_path / "easy_vqa" / "images")
+    assert len(dataset) == 6
+    samples = [dataset[index] for index in range(len(dataset))]
+    assert all(len(sample.images) == 1 and sample.images[0].size == (64, 64) for sample in samples)
+    batch = collator(samples)
+    labels = batch["labels"][0]
+    answers = [text for role, text in samples[0].turns if role == "assistant"]
+    assert collator.tokenizer.decode(labels[labels >= 0]) == "".join(f"{answer}<|im_end|>" for answer in answers)
+    # the tiny tokenizer was trained on easy-vqa: each answer word is one token
+    assert (labels >= 0).sum() == 2 * len(answers)

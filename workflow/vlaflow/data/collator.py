@@ -158,7 +158,14 @@ class Collator:
             input_ids[row, span] = torch.tensor(item.input_ids)
             labels[row, span] = torch.tensor(item.labels)
             attention_mask[row, span] = 1
-        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        # as the processor marks them: 1 for image tokens, which M-RoPE positions in 2D
+        mm_token_type_ids = (input_ids == self.image_token_id).int()
+        batch = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": labels,
+            "mm_token_type_ids": mm_token_type_ids,
+        }
         pixel_values = [item.pixel_values for item in encoded if item.pixel_values is not None]
         if pixel_values:
             batch["pixel_values"] = torch.cat(pixel_values)
