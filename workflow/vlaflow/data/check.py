@@ -4,6 +4,7 @@ Every problem is reported as one line naming the file and the field; a summary t
 decoded batch follow when the data is sound.
 """
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import numpy as np
 
 from vlaflow.config import load_config
 from vlaflow.data.conversations import open_image, parse_entry, read_annotation
+from vlaflow.data.mixing import MixSampler, epoch_order
 from vlaflow.data.registry import ROBOT, VL, RobotEntry, VLEntry
 from vlaflow.data.robot_dataset import check_frames_decode, inspect_episode, list_episode_files
 from vlaflow.data.stage_data import build_stage_data, load_registry, robot_spec, stage_selections
@@ -127,8 +129,6 @@ def _table(rows: list[list[str]]) -> str:
 
 
 def _describe_batch(config: dict, stage: str, model: Path | None, batch_size: int, source: str) -> str:
-    from vlaflow.data.mixing import MixSampler, epoch_order
-
     stage_data = build_stage_data(config, stage, source=source)
     dataset, seed = stage_data.dataset, config["data"]["seed"]
     one_epoch = epoch_order(
@@ -162,6 +162,8 @@ def _describe_batch(config: dict, stage: str, model: Path | None, batch_size: in
         lines.append(f"  {key}: {tuple(value.shape)} {str(value.dtype).removeprefix('torch.')}")
     ids, labels = batch["input_ids"][0], batch["labels"][0]
     text = processor.tokenizer.decode(ids[batch["attention_mask"][0].bool()])
+    image_run = re.compile(f"(?:{re.escape(processor.image_token)})+")
+    text = image_run.sub(lambda run: f"{processor.image_token}x{run.group().count(processor.image_token)}", text)
     answer = processor.tokenizer.decode(labels[labels >= 0])
     lines.append(f"  first sample ({samples[0].source}):\n    text: {text!r}\n    labels: {answer!r}")
     return "\n".join(lines)
