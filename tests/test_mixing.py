@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from torch.utils.data import ConcatDataset, Subset
 
 from vlaflow.data.mixing import Mix, MixedDataset, MixSampler, epoch_order, vl_ratio_draw
 from vlaflow.errors import VlaflowError
@@ -104,3 +105,25 @@ def test_a_rank_order_is_the_same_on_every_call_and_changes_with_the_epoch():
 def test_mixed_dataset_puts_robot_samples_first():
     dataset = MixedDataset(Numbers(3, "robot"), Numbers(2, "vl"))
     assert [dataset[i] for i in range(len(dataset))] == [("robot", 0), ("robot", 1), ("robot", 2), ("vl", 0), ("vl", 1)]
+
+
+def test_streamed_indices_continue_epoch_after_epoch_and_carry_their_epoch():
+    dataset = MixedDataset(Numbers(6, "robot"), Numbers(4, "vl"))
+    plain = MixSampler(dataset, Mix(vl_ratio=0.5), batch_size=2, seed=0, rank=1, world_size=2)
+    stream = list(MixSampler(dataset, Mix(vl_ratio=0.5), batch_size=2, seed=0, rank=1, world_size=2, num_samples=11))
+    epochs = [plain.rank_order(epoch).tolist() for epoch in range(3)]
+    assert stream == (epochs[0] + [i + 10 for i in epochs[1]] + [i + 20 for i in epochs[2]])[:11]
+    assert dataset[13] == ("robot", 3) and dataset.epoch == 1
+
+
+def test_a_new_epoch_reaches_the_datasets_inside_concatenations_and_subsets():
+    class Augmented(Numbers):
+        epoch = 0
+
+        def set_epoch(self, epoch):
+            self.epoch = epoch
+
+    inner = Augmented(4, "robot")
+    dataset = MixedDataset(ConcatDataset([Subset(inner, [0, 1, 2])]), None)
+    dataset[2 * 3 + 1]
+    assert inner.epoch == 2

@@ -80,6 +80,13 @@ def _data_aloha_demos(args) -> None:
     )
 
 
+def _train(args) -> None:
+    from vlaflow.training.run import train
+
+    out = train(args.config, args.stage, args.init, args.workdir, args.out, mlp_weights=args.mlp_weights)
+    print(f"{args.stage} model written to {out}")
+
+
 def _add_data_commands(commands) -> None:
     data = commands.add_parser("data", help="build the embedded default's data; check a config's datasets")
     data_commands = data.add_subparsers(dest="data_command", required=True)
@@ -155,6 +162,15 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(run=_check_model)
 
     _add_data_commands(commands)
+
+    train = commands.add_parser("train", help="train one stage (vlm, stage1, stage2); resumes by itself")
+    train.add_argument("--config", type=Path, required=True)
+    train.add_argument("--stage", required=True, choices=("vlm", "stage1", "stage2"))
+    train.add_argument("--init", type=Path, required=True, help="the model folder to start from")
+    train.add_argument("--mlp-weights", type=Path, help="initialise both experts from this file (stage 1)")
+    train.add_argument("--workdir", type=Path, required=True, help="resumable checkpoints and logs")
+    train.add_argument("--out", type=Path, required=True, help="the trained model, written when training ends")
+    train.set_defaults(run=_train)
     return parser
 
 

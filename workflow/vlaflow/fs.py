@@ -40,3 +40,11 @@ def atomic_directory(out: Path):
 def atomic_file(out: Path):
     """Yield a temporary path beside `out`; rename it to `out` only if the block succeeds."""
     return _staged(out, folder=False)
+
+
+def link_or_copy(source: str, destination: str) -> None:
+    """Hard-link a file (no second copy of large weights on the same file system), else copy it."""
+    try:
+        os.link(source, destination)
+    except OSError:
+        shutil.copy2(source, destination)

@@ -1,23 +1,15 @@
 """The download step: a backbone folder from the builtin tiny model, the Hugging Face hub, or disk."""
 
-import os
 import shutil
 from pathlib import Path
 
 from vlaflow.backbone.folder import verify_model_folder
 from vlaflow.errors import VlaflowError
-from vlaflow.fs import atomic_directory
+from vlaflow.fs import atomic_directory, link_or_copy
 
 BUILTIN_TINY = "builtin:tiny-qwen2-vl"
 HUB_PREFIX = "hf:"
 SOURCE_FORMS = f"'{BUILTIN_TINY}', 'hf:<org>/<name>@<revision>', or an existing local folder"
-
-
-def _link_or_copy(source: str, destination: str) -> None:
-    try:
-        os.link(source, destination)
-    except OSError:
-        shutil.copy2(source, destination)
 
 
 def parse_hub_source(source: str) -> tuple[str, str]:
@@ -48,6 +40,6 @@ def download(source: str, out: Path, seed: int = 0) -> Path:
 
             snapshot_download(repo_id=repo_id, revision=revision, local_dir=tmp)
         else:
-            shutil.copytree(source, tmp, copy_function=_link_or_copy, dirs_exist_ok=True)
+            shutil.copytree(source, tmp, copy_function=link_or_copy, dirs_exist_ok=True)
         verify_model_folder(tmp)
     return out

@@ -58,10 +58,13 @@ class Collator:
     expert route (0 VL, 1 robot) and normalised robot targets (zeros with `is_pad` set for VL rows).
 
     A sample longer than `max_length` is cut after its last image token; one whose images reach
-    past the cut is skipped and logged, so an image's tokens are never split.
+    past the cut is skipped and logged, so an image's tokens are never split. With `sources`, the
+    batch also lists where each kept sample came from (training logs it per step).
     """
 
-    def __init__(self, processor, *, max_length: int, action_dim: int, state_dim: int, chunk_size: int):
+    def __init__(
+        self, processor, *, max_length: int, action_dim: int, state_dim: int, chunk_size: int, sources: bool = False
+    ):
         self.processor = processor
         self.tokenizer = processor.tokenizer
         if self.tokenizer.pad_token_id is None:
@@ -71,6 +74,7 @@ class Collator:
         self.image_token = processor.image_token
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
         self.merge_length = processor.image_processor.merge_size**2
+        self.sources = sources
         self.skipped = 0
 
     def __call__(self, samples: list[RobotSample | VLSample]) -> dict[str, torch.Tensor]:
@@ -87,6 +91,8 @@ class Collator:
             )
         batch = self._pad(encoded)
         batch.update(self._robot_targets(kept))
+        if self.sources:
+            batch["sources"] = [sample.source for sample in kept]
         return batch
 
     def encode(self, sample: RobotSample | VLSample) -> _Encoded:

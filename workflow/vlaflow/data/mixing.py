@@ -8,13 +8,17 @@
 
 Every rank computes the same global order from the seed and the epoch and takes its own
 batches from it (batch b goes to rank b mod world size), so ranks never share a sample.
+
+For training, `MixSampler` streams epoch after epoch as one sequence of `num_samples` indices:
+the position in it is then a step count, which is what a resumed run skips. Each streamed index
+carries its epoch (epoch x len(dataset) + index), so robot augmentations differ between epochs.
 """
 
 import math
 from dataclasses import dataclass
 
 import numpy as np
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import ConcatDataset, Dataset, Sampler, Subset
 
 from vlaflow.errors import VlaflowError
 
@@ -30,18 +34,35 @@ class Mix:
         return cls(settings.get("vl_ratio"), settings.get("vl_batch_fraction"), settings.get("vl_loss_weight", 1.0))
 
 
+def _set_epoch(dataset: Dataset, epoch: int) -> None:
+    """Tell every dataset inside concatenations and subsets which epoch it serves."""
+    if isinstance(dataset, ConcatDataset):
+        for part in dataset.datasets:
+            _set_epoch(part, epoch)
+    elif isinstance(dataset, Subset):
+        _set_epoch(dataset.dataset, epoch)
+    elif hasattr(dataset, "set_epoch"):
+        dataset.set_epoch(epoch)
+
+
 class MixedDataset(Dataset):
-    """Robot samples at indices [0, n_robot), vision-language samples after them."""
+    """Robot samples at indices [0, n_robot), vision-language samples after them; an index past
+    the end is a streamed one, epoch x len(self) + index."""
 
     def __init__(self, robot: Dataset | None, vl: Dataset | None):
         self.robot, self.vl = robot, vl
         self.n_robot = len(robot) if robot is not None else 0
         self.n_vl = len(vl) if vl is not None else 0
+        self.epoch = 0
 
     def __len__(self) -> int:
         return self.n_robot + self.n_vl
 
     def __getitem__(self, index: int):
+        epoch, index = divmod(index, len(self))
+        if epoch != self.epoch and self.robot is not None:
+            _set_epoch(self.robot, epoch)
+        self.epoch = epoch
         return self.robot[index] if index < self.n_robot else self.vl[index - self.n_robot]
 
 
@@ -89,10 +110,19 @@ def _cycled_permutations(rng: np.random.Generator, size: int, count: int) -> np.
 
 
 class MixSampler(Sampler[int]):
-    """This rank's sample indices for the current epoch, batch by batch."""
+    """This rank's sample indices, batch by batch: those of the current epoch, or with
+    `num_samples` a stream of that many over consecutive epochs."""
 
     def __init__(
-        self, dataset: MixedDataset, mix: Mix | None, *, batch_size: int, seed: int, rank: int = 0, world_size: int = 1
+        self,
+        dataset: MixedDataset,
+        mix: Mix | None,
+        *,
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        num_samples: int | None = None,
     ):
         if len(dataset) == 0:
             raise VlaflowError("the stage has no samples: list robot or VL datasets")
@@ -100,12 +130,13 @@ class MixSampler(Sampler[int]):
             raise VlaflowError("mix.vl_batch_fraction needs both robot and VL datasets")
         self.dataset, self.mix = dataset, mix
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
+        self.num_samples = num_samples
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def rank_order(self) -> np.ndarray:
+    def rank_order(self, epoch: int | None = None) -> np.ndarray:
         order = epoch_order(
             self.mix,
             self.dataset.n_robot,
@@ -113,12 +144,19 @@ class MixSampler(Sampler[int]):
             batch_size=self.batch_size,
             world_size=self.world_size,
             seed=self.seed,
-            epoch=self.epoch,
+            epoch=self.epoch if epoch is None else epoch,
         )
         return order.reshape(-1, self.batch_size)[self.rank :: self.world_size].reshape(-1)
 
+    def _stream(self):
+        epoch, remaining = 0, self.num_samples
+        while remaining > 0:
+            order = self.rank_order(epoch)[:remaining] + epoch * len(self.dataset)
+            yield from order.tolist()
+            epoch, remaining = epoch + 1, remaining - len(order)
+
     def __iter__(self):
-        return iter(self.rank_order().tolist())
+        return self._stream() if self.num_samples is not None else iter(self.rank_order().tolist())
 
     def __len__(self) -> int:
-        return len(self.rank_order())
+        return self.num_samples if self.num_samples is not None else len(self.rank_order())

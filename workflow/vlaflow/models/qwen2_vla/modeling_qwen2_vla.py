@@ -248,7 +248,7 @@ class Qwen2VLAForConditionalGeneration(Qwen2VLForConditionalGeneration):
                 hidden_states, labels, attention_mask, expert_route, actions, states, is_pad
             )
         if result.ce_loss is not None or result.action_loss is not None:
-            result.loss = self._total_loss(result)
+            result.loss = self.total_loss(result)
         return result
 
     def _backbone(self, input_ids, image_grid_thw, mm_token_type_ids, expert_route, **kwargs):
@@ -300,12 +300,18 @@ class Qwen2VLAForConditionalGeneration(Qwen2VLForConditionalGeneration):
         condition = self.reasoning_conditioner(robot_hidden, valid & ~reasoning_mask, reasoning_mask)
         return self.policy_head.loss(actions[robot], is_pad[robot], condition, states[robot])
 
-    def _total_loss(self, result: Qwen2VLAOutput) -> torch.Tensor:
+    def total_loss(
+        self, result: Qwen2VLAOutput, action_scale: float = 1.0, token_scale: float = 1.0, vl_weight: float = 1.0
+    ) -> torch.Tensor:
+        """action_loss / llm_loss_weight + the token losses (the reasoning part only with the LLM
+        head on, the VL parts times `vl_weight`). Training rescales each part with `action_scale`
+        and `token_scale` so that it is normalised over the whole global batch, not this batch."""
         total = 0
         if result.action_loss is not None:
-            total = total + result.action_loss / self.config.llm_loss_weight
+            total = total + action_scale * result.action_loss / self.config.llm_loss_weight
         if result.ce_loss is not None:
-            total = total + (result.ce_loss if self.config.with_llm_head else result.ce_loss - result.reasoning_loss)
+            reasoning = result.reasoning_loss if self.config.with_llm_head else 0
+            total = total + token_scale * (reasoning + vl_weight * (result.vl_loss + result.text_only_loss))
         return total
 
     @torch.no_grad()

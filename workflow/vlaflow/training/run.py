@@ -1,0 +1,184 @@
+"""`vlaflow train`: one stage of the recipe, from the config, resumable from its work folder.
+
+    vlm     vision-language data only, through the VL expert (StarVLA's VLM-only training)
+    stage1  robot data only; both experts start from the saved MLP weights; the VL expert is frozen
+    stage2  robot and VL data in the configured mix; nothing frozen; the MoE is not re-initialised
+
+The work folder holds the resumable checkpoints and logs; OUT, the model, is written once, at
+the end, atomically. Starting the same command again continues from the newest complete
+checkpoint. SIGTERM or SIGUSR1 saves a checkpoint and exits with 128 + the signal number, so a
+scheduler's retry continues where the run stopped.
+"""
+
+import logging
+import os
+import shutil
+import socket
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from transformers import AutoProcessor, set_seed
+
+import vlaflow.models  # noqa: F401  (registers the model and processor classes)
+from vlaflow.backbone.mlp_weights import load_vla_with_moe_init
+from vlaflow.config import load_config
+from vlaflow.data.collator import Collator
+from vlaflow.data.stage_data import build_stage_data
+from vlaflow.data.stats import NormStats
+from vlaflow.errors import VlaflowError
+from vlaflow.models.qwen2_vla import ROBOT_EXPERT, Qwen2VLAForConditionalGeneration
+from vlaflow.training.callbacks import MetricsLog, StopOnSignal, truncate_log
+from vlaflow.training.checkpoints import (
+    CHECKPOINT,
+    COMPLETE_MARKER,
+    METRICS_FILE,
+    STATS_FILE,
+    checkpoint_step,
+    export_model,
+    latest_checkpoint,
+)
+from vlaflow.training.settings import STAGES, stage_settings, training_arguments
+from vlaflow.training.trainer import VLATrainer
+
+logger = logging.getLogger(__name__)
+SAMPLES_LOG = "samples-rank{rank}.jsonl"
+
+
+def load_stage_model(stage: str, init: Path, mlp_weights: Path | None, settings: dict):
+    kwargs = {"attn_implementation": settings["attn_implementation"]}
+    if mlp_weights is not None:
+        model = load_vla_with_moe_init(init, mlp_weights, **kwargs)
+    elif stage == "stage1":
+        raise VlaflowError("stage1 initialises both experts from the saved MLP weights: pass --mlp-weights")
+    else:
+        model, info = Qwen2VLAForConditionalGeneration.from_pretrained(init, output_loading_info=True, **kwargs)
+        if info["missing_keys"]:
+            raise VlaflowError(
+                f"{init}: no weights for {sorted(info['missing_keys'])[0]!r}: a fresh VLA folder needs --mlp-weights"
+            )
+    if stage == "vlm":
+        # only the VL expert's path is used; the rest is frozen, so no rank holds unused trainable parameters
+        for layer in range(len(model.decoder_layers)):
+            model.expert(layer, ROBOT_EXPERT).requires_grad_(False)
+        model.policy_head.requires_grad_(False)
+        model.reasoning_conditioner.requires_grad_(False)
+    elif stage == "stage1":
+        model.freeze_vl_expert()
+    if settings["gradient_checkpointing"]:
+        model.config.use_cache = False
+    return model
+
+
+def _check_model_matches_config(model, config: dict, init: Path) -> None:
+    head = model.config.policy_head_config
+    for key in ("action_dim", "state_dim", "chunk_size"):
+        if getattr(head, key) != config["model"][key]:
+            raise VlaflowError(
+                f"{init}: the model's policy head has {key} {getattr(head, key)}, the config's model.{key} is "
+                f"{config['model'][key]}"
+            )
+
+
+def _prepare_distributed(settings: dict) -> None:
+    """DeepSpeed under Trainer needs the process group before TrainingArguments exist, or each
+    process silently trains alone; a single process still needs the rendezvous variables."""
+    if not settings["deepspeed"]:
+        return
+    if "WORLD_SIZE" not in os.environ:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if not dist.is_initialized():
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend=None if torch.cuda.is_available() else "gloo")
+
+
+def check_world_size(launched: int, trained: int) -> None:
+    if launched != trained:
+        raise VlaflowError(
+            f"the launcher started {launched} processes (WORLD_SIZE={launched}) but training runs with world size "
+            f"{trained}: each process would train alone; launch with torchrun, deepspeed or srun so that "
+            "the processes form one group"
+        )
+
+
+def _remove_incomplete_checkpoints(workdir: Path) -> None:
+    for folder in workdir.iterdir():
+        if CHECKPOINT.match(folder.name) and not (folder / COMPLETE_MARKER).exists():
+            logger.warning("removing %s: a checkpoint that was never completed", folder)
+            shutil.rmtree(folder)
+
+
+def train(config_path: Path, stage: str, init: Path, workdir: Path, out: Path, mlp_weights: Path | None = None):
+    if stage not in STAGES:
+        raise VlaflowError(f"unknown stage {stage!r} (stages: {', '.join(STAGES)})")
+    out, workdir, init = Path(out), Path(workdir), Path(init)
+    if out.exists():
+        raise VlaflowError(f"{out}: already exists; the stage is done (remove it to train again)")
+    config = load_config(config_path)
+    if stage not in config["stages"]:
+        raise VlaflowError(f"{config_path}: stages.{stage}: not configured")
+    settings = stage_settings(config, stage)
+    set_seed(settings["seed"])
+
+    processor = AutoProcessor.from_pretrained(init)
+    stats = NormStats.load(init / STATS_FILE) if (init / STATS_FILE).exists() else None
+    stage_data = build_stage_data(config, stage, stats=stats, source=str(config_path))
+    model = load_stage_model(stage, init, mlp_weights, settings)
+    _check_model_matches_config(model, config, init)
+
+    _prepare_distributed(settings)
+    args = training_arguments(settings, workdir, stage)
+    check_world_size(int(os.environ.get("WORLD_SIZE", 1)), args.world_size)
+    if args.should_save:
+        workdir.mkdir(parents=True, exist_ok=True)
+        _remove_incomplete_checkpoints(workdir)
+    if dist.is_initialized():
+        dist.barrier()
+
+    resume = latest_checkpoint(workdir)
+    metrics = workdir / METRICS_FILE
+    samples_log = workdir / SAMPLES_LOG.format(rank=args.process_index)
+    if args.should_save:
+        truncate_log(metrics, checkpoint_step(resume) if resume else 0)
+    truncate_log(samples_log, checkpoint_step(resume) if resume else 0)
+
+    collator = Collator(
+        processor,
+        max_length=config["data"]["max_length"],
+        sources=True,
+        **{key: config["model"][key] for key in ("action_dim", "state_dim", "chunk_size")},
+    )
+    stop = StopOnSignal()
+    trainer = VLATrainer(
+        model=model,
+        args=args,
+        train_dataset=stage_data.dataset,
+        data_collator=collator,
+        processing_class=processor,
+        callbacks=[MetricsLog(metrics), stop],
+        mix=stage_data.mix,
+        run_files={"processor": processor, "stats": stage_data.stats or stats, "config": config, "stage": stage},
+        samples_log=samples_log,
+    )
+    check_world_size(args.world_size, trainer.accelerator.num_processes)
+    if resume is not None:
+        logger.warning("resuming from %s (step %d)", resume, checkpoint_step(resume))
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+
+    if stop.received is not None:
+        logger.warning(
+            "stopped by signal %d at step %d; run the command again to continue",
+            stop.received,
+            trainer.state.global_step,
+        )
+        sys.exit(128 + stop.received)
+    if args.should_save:
+        export_model(latest_checkpoint(workdir), out, metrics)
+    if dist.is_initialized():
+        dist.barrier()
+    return out
