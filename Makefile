@@ -14,7 +14,7 @@ setup: $(INSTALLED)
 $(INSTALLED): pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --constraint $(CONSTRAINTS) torch
-	$(VENV)/bin/pip install --quiet --constraint $(CONSTRAINTS) --editable '.[test,sim]'
+	$(VENV)/bin/pip install --quiet --constraint $(CONSTRAINTS) --editable '.[test,sim,deepspeed]'
 	touch $@
 
 # Each step's output is its make target, so a second `make run` redoes only what is missing.

@@ -12,7 +12,15 @@ SHIPPED = Path(__file__).parents[1] / "config" / "config.yaml"
 
 def test_empty_config_gets_every_default():
     config = validate_config({})
-    assert config["model"] == {"action_dim": 14, "state_dim": 14, "chunk_size": 16}
+    assert config["model"] == {
+        "backbone": "builtin:tiny-qwen2-vl",
+        "policy_head_size": "tiny",
+        "with_llm_head": True,
+        "llm_loss_weight": 1.0,
+        "action_dim": 14,
+        "state_dim": 14,
+        "chunk_size": 16,
+    }
     assert config["data"]["cameras"] == ["top"] and config["data"]["image_size"] == [240, 320]
     assert config["stages"] == {}
 

@@ -3,7 +3,8 @@
 Backbones name the MLP weights `model.language_model.layers.<i>.mlp.*` (transformers 5) or
 `model.layers.<i>.mlp.*` (checkpoints saved earlier, the official Qwen2-VL release among them).
 Both are read; the file is written with the transformers 5 names, as safetensors (upstream
-pickled a `mlp.bin` into the download folder).
+pickled a `mlp.bin` into the download folder). A trained VLA model (after VLM-only training, say)
+has no dense MLP: its vision-language expert, expert 0, is the MLP that stage 1 starts from.
 """
 
 import re
@@ -19,6 +20,9 @@ from vlaflow.fs import atomic_file
 
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 MLP_KEY = re.compile(r"^model\.(?:language_model\.)?layers\.(\d+)\.mlp\.(gate_proj|up_proj|down_proj)\.weight$")
+VL_EXPERT_KEY = re.compile(
+    r"^model\.(?:language_model\.)?layers\.(\d+)\.mlp\.experts\.0\.(gate_proj|up_proj|down_proj)\.weight$"
+)
 
 
 def mlp_key(layer: int, projection: str) -> str:
@@ -30,11 +34,11 @@ def num_decoder_layers(config: dict) -> int:
     return text_config["num_hidden_layers"]
 
 
-def _index_mlp_tensors(keys, source: Path) -> dict[tuple[int, str], str]:
+def _index_mlp_tensors(keys, source: Path, pattern: re.Pattern = MLP_KEY) -> dict[tuple[int, str], str]:
     """Map (layer, projection) to the key holding it; the same weight under two names is an error."""
     found: dict[tuple[int, str], str] = {}
     for key in keys:
-        match = MLP_KEY.match(key)
+        match = pattern.match(key)
         if match is None:
             continue
         slot = (int(match.group(1)), match.group(2))
@@ -58,16 +62,20 @@ def _check_complete(slots, num_layers: int, source: Path) -> None:
 
 
 def save_mlp_weights(backbone: Path, out: Path) -> Path:
-    """Write every decoder layer's MLP weights of `backbone` to the safetensors file `out`."""
+    """Write every decoder layer's MLP weights of `backbone` (a dense MLP, or the VL expert of a
+    trained VLA model) to the safetensors file `out`."""
     backbone = Path(backbone)
     num_layers = num_decoder_layers(verify_model_folder(backbone))
-    found: dict[tuple[int, str], torch.Tensor] = {}
-    for shard in weight_files(backbone):
-        with safe_open(shard, framework="pt") as handle:
-            for slot, key in _index_mlp_tensors(handle.keys(), shard).items():
-                if slot in found:
-                    raise MLPWeightsError(f"{shard}: {key!r} repeats an MLP weight of another shard")
-                found[slot] = handle.get_tensor(key)
+    for pattern in (MLP_KEY, VL_EXPERT_KEY):
+        found: dict[tuple[int, str], torch.Tensor] = {}
+        for shard in weight_files(backbone):
+            with safe_open(shard, framework="pt") as handle:
+                for slot, key in _index_mlp_tensors(handle.keys(), shard, pattern).items():
+                    if slot in found:
+                        raise MLPWeightsError(f"{shard}: {key!r} repeats an MLP weight of another shard")
+                    found[slot] = handle.get_tensor(key)
+        if found:
+            break
     _check_complete(found, num_layers, backbone)
     tensors = {mlp_key(*slot): tensor for slot, tensor in sorted(found.items())}
     with atomic_file(out) as tmp:

@@ -27,7 +27,7 @@ CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 # Trainer's resumable state: the work folder needs it, an exported model does not.
 TRAINING_STATE = re.compile(
     r"^(optimizer\.pt|scheduler\.pt|scaler\.pt|rng_state.*\.pth|trainer_state\.json|training_args\.bin|latest"
-    r"|zero_to_fp32\.py|global_step\d+)$"
+    r"|zero_to_(?:fp32|torch)\.py|global_step\d+)$"
 )
 VERSIONED_PACKAGES = ("vlaflow", "torch", "transformers", "accelerate", "deepspeed", "flash-attn", "numpy")
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from accelerate.utils import DistributedType
 from transformers import AutoProcessor, set_seed
 
 import vlaflow.models  # noqa: F401  (registers the model and processor classes)
@@ -165,7 +166,9 @@ def train(config_path: Path, stage: str, init: Path, workdir: Path, out: Path, m
         run_files={"processor": processor, "stats": stage_data.stats or stats, "config": config, "stage": stage},
         samples_log=samples_log,
     )
-    check_world_size(args.world_size, trainer.accelerator.num_processes)
+    # the processes that really form one data-parallel group: none unless accelerate wraps the model
+    parallel = trainer.accelerator.distributed_type != DistributedType.NO
+    check_world_size(int(os.environ.get("WORLD_SIZE", 1)), trainer.accelerator.num_processes if parallel else 1)
     if resume is not None:
         logger.warning("resuming from %s (step %d)", resume, checkpoint_step(resume))
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)

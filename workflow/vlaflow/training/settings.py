@@ -1,6 +1,5 @@
 """A stage's training settings from the workflow config, as transformers' TrainingArguments."""
 
-import os
 from pathlib import Path
 
 import torch
@@ -43,7 +42,7 @@ def training_arguments(settings: dict, workdir: Path, stage: str) -> TrainingArg
         remove_unused_columns=False,
         # stage 2 batches may hold no robot (or no VL) sample, leaving the head (or an expert) unused
         ddp_find_unused_parameters=stage == "stage2",
-        # CPU processes talk over gloo; one process alone needs no backend
-        ddp_backend="gloo" if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", 1)) > 1 else None,
+        # without it accelerate leaves CPU processes unconnected, each training alone
+        use_cpu=not torch.cuda.is_available(),
         report_to=["tensorboard"],
     )

@@ -84,10 +84,12 @@ class VLATrainer(Trainer):
         action_scale, token_scale = self._global_scales(inputs)
         vl_weight = self.mix.vl_loss_weight if self.mix is not None else 1.0
         loss = self.accelerator.unwrap_model(model).total_loss(outputs, action_scale, token_scale, vl_weight)
-        for name in LOSS_COMPONENTS:
+        # scaled like the loss, so that their mean over ranks is the global batch's value
+        self.components["loss"].append(loss.detach())
+        for name, scale in zip(LOSS_COMPONENTS, (action_scale, token_scale, token_scale, token_scale)):
             value = getattr(outputs, name)
             if value is not None:
-                self.components[name].append(value.detach())
+                self.components[name].append(value.detach() * scale)
         return (loss, outputs) if return_outputs else loss
 
     def _log_sources(self, sources: list[str]) -> None:
@@ -95,11 +97,27 @@ class VLATrainer(Trainer):
             file.write(json.dumps({"step": self.state.global_step + 1, "sources": sources}) + "\n")
 
     def log(self, logs: dict, start_time: float | None = None) -> None:
-        if "loss" in logs:
-            for name, values in self.components.items():
-                logs[name] = round(torch.stack(values).float().mean().item(), 6)
+        """Training logs carry the loss and its components over the global batch (Trainer's own
+        loss is this rank's on CPU), averaged over the steps since the last log."""
+        if "loss" in logs and self.components:
+            names = list(self.components)
+            means = torch.stack([torch.stack(self.components[name]).float().mean() for name in names])
+            if self.args.world_size > 1:
+                means = means.to(self.args.device)
+                dist.all_reduce(means)
+                means = means / self.args.world_size
+            logs.update({name: round(value, 6) for name, value in zip(names, means.tolist())})
             self.components.clear()
         super().log(logs, start_time)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        """Trainer reloads weights by module name, but checkpoints are saved in Qwen2-VL's release
+        layout (`model.layers.*`, `visual.*`), which only from_pretrained maps back: without this,
+        a resumed run would silently continue from its initial weights."""
+        target = self.accelerator.unwrap_model(model if model is not None else self.model)
+        dtype = next(target.parameters()).dtype
+        saved = type(target).from_pretrained(resume_from_checkpoint, dtype=dtype)
+        target.load_state_dict(saved.state_dict(), strict=True)
 
     def _save_checkpoint(self, model, trial) -> None:
         super()._save_checkpoint(model, trial)

@@ -1,0 +1,90 @@
+"""Small real training runs: a data world shaped for the tiny VLA folder, configs per test, and
+`vlaflow train` in a subprocess where a test needs to kill or signal it."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from tests.conftest import ACTION_DIM, CHUNK_SIZE, STATE_DIM
+from tests.data_factory import make_data_root
+
+REPO = Path(__file__).parents[1]
+
+
+def training_world(root: Path, *, episodes: int = 2, length: int = 4, vl_count: int = 4) -> Path:
+    """With the defaults: one training episode of 4 steps and 4 conversations, so a batch of 4
+    sees the same samples at every step."""
+    make_data_root(root, episodes=episodes, length=length, vl_count=vl_count)
+    return root
+
+
+def training_config(path: Path, root: Path, *, training: dict | None = None, stages: dict | None = None) -> Path:
+    config = {
+        "model": {"action_dim": ACTION_DIM, "state_dim": STATE_DIM, "chunk_size": CHUNK_SIZE},
+        "data": {
+            "root": str(root),
+            "registry": str(root / "datasets.yaml"),
+            "image_size": [32, 32],
+            "max_length": 256,
+            "augment": False,
+        },
+        "training": {
+            "max_steps": 30,
+            "per_device_batch_size": 4,
+            "learning_rate": 3e-3,
+            "lr_scheduler": "constant",
+            "save_steps": 10,
+            "logging_steps": 1,
+            "num_workers": 0,
+            **(training or {}),
+        },
+        "stages": stages
+        or {
+            "vlm": {"vl": ["vl_a"]},
+            "stage1": {"robot": ["robot_a"]},
+            "stage2": {"robot": ["robot_a"], "vl": ["vl_a"], "mix": {"vl_batch_fraction": 0.5}},
+        },
+    }
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def losses(metrics: Path, key: str = "loss") -> dict[int, float]:
+    entries = [json.loads(line) for line in Path(metrics).read_text().splitlines()]
+    return {entry["step"]: entry[key] for entry in entries if key in entry}
+
+
+def train_command(config: Path, stage: str, init: Path, workdir: Path, out: Path, mlp_weights: Path | None = None):
+    command = ["train", "--config", str(config), "--stage", stage, "--init", str(init)]
+    command += ["--workdir", str(workdir), "--out", str(out)]
+    return command + (["--mlp-weights", str(mlp_weights)] if mlp_weights else [])
+
+
+VLAFLOW = [sys.executable, "-m", "vlaflow.cli"]
+
+
+def torchrun(processes: int, port: int) -> list[str]:
+    run = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}", f"--master_port={port}"]
+    return run + ["-m", "vlaflow.cli"]
+
+
+def start_training(arguments: list[str], log: Path, program: list[str] = VLAFLOW) -> subprocess.Popen:
+    """`vlaflow train` as a process of its own, started by `program` (torchrun, say)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(program + arguments, cwd=REPO, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+
+
+def wait_for(condition, process: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if process.poll() is not None:
+            raise AssertionError(f"training exited with {process.returncode} before the condition held")
+        if time.monotonic() > deadline:
+            process.kill()
+            raise AssertionError("timed out")
+        time.sleep(0.02)
