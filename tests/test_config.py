@@ -6,6 +6,7 @@ import pytest
 import yaml
 
 from vlaflow.config import ConfigError, load_config, validate_config
+from vlaflow.config import schema as load_schema
 
 SHIPPED = Path(__file__).parents[1] / "config" / "config.yaml"
 
@@ -76,3 +77,16 @@ def test_shipped_default_is_valid_and_lists_the_embedded_datasets():
         "mix": {"vl_ratio": 0.33, "vl_loss_weight": 1.0},
     }
     assert yaml.safe_load(SHIPPED.read_text())["stages"]["stage1"] == {"robot": ["aloha_sim_transfer_cube"]}
+
+
+def test_config_readme_documents_every_key_of_the_schema():
+    documented = (Path(__file__).parents[1] / "config" / "README.md").read_text()
+    schema = load_schema()
+    keys = set()
+    for section in ("model", "data"):
+        keys |= set(schema["properties"][section]["properties"])
+    keys |= set(schema["$defs"]["training"]["properties"])
+    keys |= set(schema["$defs"]["stage"]["properties"])
+    keys |= set(schema["$defs"]["stage"]["properties"]["mix"]["properties"])
+    missing = sorted(key for key in keys if f"`{key}`" not in documented)
+    assert not missing, missing

@@ -221,3 +221,14 @@ def test_policy_head_starts_at_zero_noise_and_learns(vla_model):
         losses.append(loss.item())
     assert all(torch.isfinite(torch.tensor(losses)))
     assert sum(losses[-20:]) / 20 < 0.5 * sum(losses[:20]) / 20
+
+
+def test_total_loss_weights_the_vl_parts_and_rescales_each_kind(vla_model, mixed_batch):
+    output = vla_model(**mixed_batch)
+    llw = vla_model.config.llm_loss_weight
+    weighted = vla_model.total_loss(output, action_scale=0.5, token_scale=2.0, vl_weight=0.1)
+    expected = 0.5 * output.action_loss / llw + 2.0 * (
+        output.reasoning_loss + 0.1 * (output.vl_loss + output.text_only_loss)
+    )
+    assert torch.allclose(weighted, expected)
+    assert torch.equal(vla_model.total_loss(output), output.loss)

@@ -278,3 +278,18 @@ def test_processes_that_do_not_form_one_group_are_stopped(world, vla_folder, mlp
     log = (tmp_path / "train.log").read_text()
     assert "the launcher started 2 processes (WORLD_SIZE=2) but training runs with world size 1" in log
     assert not (tmp_path / "work").exists() or not any((tmp_path / "work").glob("checkpoint-*"))
+
+
+def test_gradient_checkpointing_switch_trains_the_same_steps(world, vla_folder, mlp_weights, tmp_path):
+    settings = {"max_steps": 3, "save_steps": 3}
+    plain = training_config(tmp_path / "plain.yaml", world / "data", training=settings)
+    checkpointed = training_config(
+        tmp_path / "gc.yaml", world / "data", training={**settings, "gradient_checkpointing": True}
+    )
+    runs = [
+        train(config, "stage1", vla_folder, tmp_path / f"work{n}", tmp_path / f"out{n}", mlp_weights=mlp_weights)
+        for n, config in enumerate((plain, checkpointed))
+    ]
+    first, second = (losses(run / METRICS_FILE) for run in runs)
+    assert first.keys() == second.keys() == {1, 2, 3}
+    assert all(abs(first[step] - second[step]) < 1e-4 for step in first)
