@@ -38,8 +38,12 @@ class StopOnSignal(TrainerCallback):
 
     def __init__(self):
         self.received: int | None = None
-        for number in STOP_SIGNALS:
-            signal.signal(number, self._receive)
+        self.previous = {number: signal.signal(number, self._receive) for number in STOP_SIGNALS}
+
+    def restore(self) -> None:
+        """Give the signals back to whoever handled them before training."""
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)
 
     def _receive(self, number, frame) -> None:
         self.received = number

@@ -155,23 +155,26 @@ def train(config_path: Path, stage: str, init: Path, workdir: Path, out: Path, m
         **{key: config["model"][key] for key in ("action_dim", "state_dim", "chunk_size")},
     )
     stop = StopOnSignal()
-    trainer = VLATrainer(
-        model=model,
-        args=args,
-        train_dataset=stage_data.dataset,
-        data_collator=collator,
-        processing_class=processor,
-        callbacks=[MetricsLog(metrics), stop],
-        mix=stage_data.mix,
-        run_files={"processor": processor, "stats": stage_data.stats or stats, "config": config, "stage": stage},
-        samples_log=samples_log,
-    )
-    # the processes that really form one data-parallel group: none unless accelerate wraps the model
-    parallel = trainer.accelerator.distributed_type != DistributedType.NO
-    check_world_size(int(os.environ.get("WORLD_SIZE", 1)), trainer.accelerator.num_processes if parallel else 1)
-    if resume is not None:
-        logger.warning("resuming from %s (step %d)", resume, checkpoint_step(resume))
-    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    try:
+        trainer = VLATrainer(
+            model=model,
+            args=args,
+            train_dataset=stage_data.dataset,
+            data_collator=collator,
+            processing_class=processor,
+            callbacks=[MetricsLog(metrics), stop],
+            mix=stage_data.mix,
+            run_files={"processor": processor, "stats": stage_data.stats or stats, "config": config, "stage": stage},
+            samples_log=samples_log,
+        )
+        # the processes that really form one data-parallel group: none unless accelerate wraps the model
+        parallel = trainer.accelerator.distributed_type != DistributedType.NO
+        check_world_size(int(os.environ.get("WORLD_SIZE", 1)), trainer.accelerator.num_processes if parallel else 1)
+        if resume is not None:
+            logger.warning("resuming from %s (step %d)", resume, checkpoint_step(resume))
+        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    finally:
+        stop.restore()
 
     if stop.received is not None:
         logger.warning(
