@@ -87,6 +87,14 @@ def _train(args) -> None:
     print(f"{args.stage} model written to {out}")
 
 
+def _report(args) -> None:
+    from vlaflow.report import Run, write_report
+
+    runs = [Run(label, Path(model), Path(evaluation)) for label, model, evaluation in args.runs]
+    out = write_report(runs, args.out, title=args.title)
+    print(f"report written to {out / 'report.html'} and {out / 'report.md'}")
+
+
 def _add_data_commands(commands) -> None:
     data = commands.add_parser("data", help="build the embedded default's data; check a config's datasets")
     data_commands = data.add_subparsers(dest="data_command", required=True)
@@ -171,6 +179,20 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--workdir", type=Path, required=True, help="resumable checkpoints and logs")
     train.add_argument("--out", type=Path, required=True, help="the trained model, written when training ends")
     train.set_defaults(run=_train)
+
+    report = commands.add_parser("report", help="one page on a run: losses, evaluations, the forgetting table")
+    report.add_argument("--out", type=Path, required=True, help="a new folder for report.html, report.md and figures")
+    report.add_argument(
+        "--run",
+        dest="runs",
+        nargs=3,
+        action="append",
+        required=True,
+        metavar=("LABEL", "MODEL_DIR", "EVAL_DIR"),
+        help="a trained model and its evaluations, in the order of the recipe (repeat: vlm, stage1, stage2)",
+    )
+    report.add_argument("--title", default="vlaflow run")
+    report.set_defaults(run=_report)
     return parser
 
 

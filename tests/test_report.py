@@ -1,0 +1,88 @@
+"""`vlaflow report`: the forgetting table, detail tables, loss curves and rollouts from real files."""
+
+import json
+
+import pytest
+from PIL import Image
+
+from tests.conftest import random_image
+from vlaflow.cli import main
+from vlaflow.errors import VlaflowError
+from vlaflow.report import Run, forgetting_table, write_report
+
+
+def write_json(path, value):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(value))
+
+
+def vqa(overall, by_category):
+    return {"EasyVQA": {"overall": overall, "total": 10, "split": {"test": overall}, "category": by_category}}
+
+
+@pytest.fixture
+def runs(tmp_path):
+    """vlm: VQA only (no robot statistics); stage1 and stage2: everything, stage 2 with a rollout."""
+    runs = []
+    for label, accuracy in (("vlm", 0.8), ("stage1", 0.4), ("stage2", 0.7)):
+        model, evaluation = tmp_path / label / "model", tmp_path / label / "eval"
+        model.mkdir(parents=True)
+        steps = [{"step": step, "loss": 5.0 / step, "vl_loss": 4.0 / step, "action_loss": 0.0} for step in range(1, 6)]
+        (model / "metrics.jsonl").write_text("".join(json.dumps(entry) + "\n" for entry in steps))
+        write_json(evaluation / "vqa_summary.json", vqa(accuracy, {"color": accuracy, "shape": 1 - accuracy}))
+        if label != "vlm":
+            write_json(evaluation / "open_loop.json", {"mse": 0.0123, "l1": 0.0456})
+            write_json(
+                evaluation / "closed_loop.json",
+                {"success_rate": 0.5, "mean_max_reward": 2.5, "seeds": [7], "max_rewards": [4]},
+            )
+        runs.append(Run(label, model, evaluation))
+    frames = [random_image(seed, (24, 32)) for seed in range(3)]
+    frames[0].save(tmp_path / "stage2/eval/rollout.gif", save_all=True, append_images=frames[1:])
+    return runs
+
+
+def test_forgetting_table_lines_up_each_stage_and_shows_dashes_for_what_was_not_measured(runs):
+    header, rows = forgetting_table(runs)
+    assert header == [
+        "after",
+        "EasyVQA accuracy",
+        "open-loop MSE",
+        "open-loop L1",
+        "success rate",
+        "mean max reward (of 4)",
+    ]
+    assert rows == [
+        ["vlm", "80.0%", "—", "—", "—", "—"],
+        ["stage1", "40.0%", "0.0123", "0.0456", "50.0%", "2.50"],
+        ["stage2", "70.0%", "0.0123", "0.0456", "50.0%", "2.50"],
+    ]
+
+
+def test_report_command_writes_html_markdown_curves_and_rollout(runs, tmp_path, capsys):
+    arguments = ["report", "--out", str(tmp_path / "report"), "--title", "tiny run"]
+    for run in runs:
+        arguments += ["--run", run.label, str(run.model), str(run.evaluation)]
+    assert main(arguments) == 0
+    out = tmp_path / "report"
+    assert sorted(path.name for path in out.iterdir()) == [
+        "loss_stage1.png", "loss_stage2.png", "loss_vlm.png", "report.html", "report.md", "rollout_stage2.gif",
+    ]  # fmt: skip
+    for curve in out.glob("loss_*.png"):
+        with Image.open(curve) as image:
+            assert image.size == (600, 350)
+    markdown = (out / "report.md").read_text()
+    assert "| stage1 | 40.0% | 0.0123 | 0.0456 | 50.0% | 2.50 |" in markdown
+    assert "| category: shape | 20.0% | 60.0% | 30.0% |" in markdown
+    assert "![stage2: first rollout (seed 7, max reward 4 of 4)](rollout_stage2.gif)" in markdown
+    page = (out / "report.html").read_text()
+    assert page.startswith("<!doctype html>") and "<td>70.0%</td>" in page and 'src="loss_vlm.png"' in page
+
+
+def test_missing_folders_and_broken_files_are_named(runs, tmp_path):
+    with pytest.raises(VlaflowError, match="nowhere: no such folder \\(run 'x'\\)"):
+        write_report([Run("x", None, tmp_path / "nowhere")], tmp_path / "out")
+    (runs[0].evaluation / "vqa_summary.json").write_text("{broken")
+    with pytest.raises(VlaflowError, match="vlm/eval/vqa_summary.json: not valid JSON"):
+        write_report(runs, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

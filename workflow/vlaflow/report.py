@@ -1,0 +1,201 @@
+"""`vlaflow report`: one page (HTML, and a Markdown twin) on a whole recipe run: loss curves per
+stage, the evaluation tables, a rollout of the policy, and the forgetting table, which lines up
+VQA accuracy and robot metrics after each stage. It shows what was measured; a stage that was not
+evaluated on something shows a dash."""
+
+import html
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from matplotlib.figure import Figure
+
+from vlaflow.errors import VlaflowError
+from vlaflow.fs import atomic_directory
+from vlaflow.training.checkpoints import METRICS_FILE
+
+VQA_SUMMARY = "vqa_summary.json"
+OPEN_LOOP = "open_loop.json"
+CLOSED_LOOP = "closed_loop.json"
+ROLLOUT = "rollout.gif"
+LOSS_PARTS = ("loss", "action_loss", "reasoning_loss", "vl_loss", "text_only_loss")
+DASH = "—"
+
+
+@dataclass(frozen=True)
+class Run:
+    """One trained model of the recipe: its label (vlm, stage1, ...), its folder and the folder
+    of its evaluations; either folder may be absent."""
+
+    label: str
+    model: Path | None
+    evaluation: Path | None
+
+    def read(self, name: str) -> dict | None:
+        path = self.evaluation / name if self.evaluation else None
+        if path is None or not path.exists():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise VlaflowError(f"{path}: not valid JSON ({error.msg})") from None
+
+
+def _curve(metrics: Path) -> dict[str, list[tuple[int, float]]]:
+    curve = {part: [] for part in LOSS_PARTS}
+    for line in metrics.read_text().splitlines():
+        entry = json.loads(line)
+        for part in LOSS_PARTS:
+            if part in entry:
+                curve[part].append((entry["step"], entry[part]))
+    return {part: points for part, points in curve.items() if points and any(value for _, value in points)}
+
+
+def plot_losses(metrics: Path, out: Path, title: str) -> bool:
+    curve = _curve(metrics)
+    if not curve:
+        return False
+    figure = Figure(figsize=(6, 3.5), dpi=100)  # no pyplot: no display backend, no global state
+    axes = figure.add_subplot()
+    for part, points in curve.items():
+        steps, values = zip(*points)
+        axes.plot(steps, values, label=part, linewidth=2 if part == "loss" else 1)
+    axes.set_xlabel("step")
+    axes.set_ylabel("loss")
+    axes.set_title(title)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(out)
+    return True
+
+
+def _number(value, digits: int = 3) -> str:
+    return DASH if value is None else f"{value:.{digits}f}"
+
+
+def _percent(value) -> str:
+    return DASH if value is None else f"{100 * value:.1f}%"
+
+
+def forgetting_table(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
+    benchmarks = sorted({name for run in runs for name in (run.read(VQA_SUMMARY) or {})})
+    header = ["after", *[f"{name} accuracy" for name in benchmarks]]
+    header += ["open-loop MSE", "open-loop L1", "success rate", "mean max reward (of 4)"]
+    rows = []
+    for run in runs:
+        vqa, open_loop, closed_loop = (
+            run.read(VQA_SUMMARY) or {},
+            run.read(OPEN_LOOP) or {},
+            run.read(CLOSED_LOOP) or {},
+        )
+        row = [run.label, *[_percent(vqa.get(name, {}).get("overall")) for name in benchmarks]]
+        row += [_number(open_loop.get("mse"), 4), _number(open_loop.get("l1"), 4)]
+        row += [_percent(closed_loop.get("success_rate")), _number(closed_loop.get("mean_max_reward"), 2)]
+        rows.append(row)
+    return header, rows
+
+
+def vqa_detail(runs: list[Run]) -> list[tuple[str, list[str], list[list[str]]]]:
+    """Per benchmark: accuracy by split, category and l2-category, one column per run."""
+    tables = []
+    benchmarks = sorted({name for run in runs for name in (run.read(VQA_SUMMARY) or {})})
+    for name in benchmarks:
+        summaries = {run.label: (run.read(VQA_SUMMARY) or {}).get(name, {}) for run in runs}
+        keys = []
+        for summary in summaries.values():
+            for group in ("split", "category", "l2-category"):
+                keys += [(group, key) for key in summary.get(group, {}) if (group, key) not in keys]
+        rows = [["overall", *[_percent(summaries[run.label].get("overall")) for run in runs]]]
+        rows += [
+            [f"{group}: {key}", *[_percent(summaries[run.label].get(group, {}).get(key)) for run in runs]]
+            for group, key in keys
+        ]
+        tables.append((name, ["", *[run.label for run in runs]], rows))
+    return tables
+
+
+def _markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def _html_table(header: list[str], rows: list[list[str]]) -> str:
+    head = "".join(f"<th>{html.escape(cell)}</th>" for cell in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+STYLE = """body{font-family:system-ui,sans-serif;max-width:60rem;margin:2rem auto;padding:0 1rem;color:#222}
+table{border-collapse:collapse;margin:1rem 0}th,td{border:1px solid #ccc;padding:.3rem .6rem;text-align:right}
+th:first-child,td:first-child{text-align:left}img{max-width:100%}figure{display:inline-block;margin:.5rem}"""
+
+
+def write_report(runs: list[Run], out: Path, title: str = "vlaflow run") -> Path:
+    """Write `report.html`, `report.md` and their pictures to the new folder `out`."""
+    for run in runs:
+        for folder in (run.model, run.evaluation):
+            if folder is not None and not folder.is_dir():
+                raise VlaflowError(f"{folder}: no such folder (run '{run.label}')")
+    with atomic_directory(Path(out)) as staging:
+        curves, rollouts = [], []
+        for run in runs:
+            metrics = run.model / METRICS_FILE if run.model else None
+            if metrics is not None and metrics.exists():
+                name = f"loss_{run.label}.png"
+                if plot_losses(metrics, staging / name, f"{run.label}: training losses"):
+                    curves.append((run.label, name))
+            if run.evaluation is not None and (run.evaluation / ROLLOUT).exists():
+                name = f"rollout_{run.label}.gif"
+                shutil.copyfile(run.evaluation / ROLLOUT, staging / name)
+                rollouts.append((run.label, name, run.read(CLOSED_LOOP) or {}))
+        header, rows = forgetting_table(runs)
+        details = vqa_detail(runs)
+        (staging / "report.md").write_text(_markdown(title, header, rows, details, curves, rollouts))
+        (staging / "report.html").write_text(_html(title, header, rows, details, curves, rollouts))
+    return Path(out)
+
+
+FORGETTING_NOTE = (
+    "VQA accuracy (vision-language expert) and robot metrics (robot expert) after each stage: "
+    "stage 1 trains on robot data only, stage 2 co-trains with vision-language data to win back "
+    "what stage 1 made the model forget."
+)
+
+
+def _rollout_caption(label: str, closed_loop: dict) -> str:
+    seeds = closed_loop.get("seeds") or [None]
+    rewards = closed_loop.get("max_rewards") or [None]
+    return f"{label}: first rollout (seed {seeds[0]}, max reward {rewards[0]} of 4)"
+
+
+def _markdown(title, header, rows, details, curves, rollouts) -> str:
+    parts = [f"# {title}", "## Forgetting table", FORGETTING_NOTE, _markdown_table(header, rows)]
+    for name, detail_header, detail_rows in details:
+        parts += [f"## {name}", _markdown_table(detail_header, detail_rows)]
+    if curves:
+        parts += ["## Training losses", *[f"![{label}]({name})" for label, name in curves]]
+    if rollouts:
+        parts += ["## Rollouts", *[f"![{_rollout_caption(label, loop)}]({name})" for label, name, loop in rollouts]]
+    return "\n\n".join(parts) + "\n"
+
+
+def _html(title, header, rows, details, curves, rollouts) -> str:
+    parts = [f"<h1>{html.escape(title)}</h1>", "<h2>Forgetting table</h2>", f"<p>{html.escape(FORGETTING_NOTE)}</p>"]
+    parts.append(_html_table(header, rows))
+    for name, detail_header, detail_rows in details:
+        parts += [f"<h2>{html.escape(name)}</h2>", _html_table(detail_header, detail_rows)]
+    if curves:
+        parts.append("<h2>Training losses</h2>")
+        parts += [f'<figure><img src="{name}" alt="{html.escape(label)}"></figure>' for label, name in curves]
+    if rollouts:
+        parts.append("<h2>Rollouts</h2>")
+        for label, name, loop in rollouts:
+            caption = html.escape(_rollout_caption(label, loop))
+            parts.append(f'<figure><img src="{name}" alt="{caption}"><figcaption>{caption}</figcaption></figure>')
+    body = "\n".join(parts)
+    return (
+        f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+        f"<style>{STYLE}</style></head>\n<body>\n{body}\n</body></html>\n"
+    )
