@@ -25,20 +25,20 @@ def runs(tmp_path):
     """vlm: VQA only (no robot statistics); stage1 and stage2: everything, stage 2 with a rollout."""
     runs = []
     for label, accuracy in (("vlm", 0.8), ("stage1", 0.4), ("stage2", 0.7)):
-        model, evaluation = tmp_path / label / "model", tmp_path / label / "eval"
+        model, vqa_folder, robot_folder = (tmp_path / label / part for part in ("model", "vqa", "robot"))
         model.mkdir(parents=True)
         steps = [{"step": step, "loss": 5.0 / step, "vl_loss": 4.0 / step, "action_loss": 0.0} for step in range(1, 6)]
         (model / "metrics.jsonl").write_text("".join(json.dumps(entry) + "\n" for entry in steps))
-        write_json(evaluation / "vqa_summary.json", vqa(accuracy, {"color": accuracy, "shape": 1 - accuracy}))
-        if label != "vlm":
-            write_json(evaluation / "open_loop.json", {"mse": 0.0123, "l1": 0.0456})
-            write_json(
-                evaluation / "closed_loop.json",
-                {"success_rate": 0.5, "mean_max_reward": 2.5, "seeds": [7], "max_rewards": [4]},
-            )
-        runs.append(Run(label, model, evaluation))
+        write_json(vqa_folder / "vqa_summary.json", vqa(accuracy, {"color": accuracy, "shape": 1 - accuracy}))
+        if label == "vlm":
+            runs.append(Run(label, model, (vqa_folder,)))  # no robot statistics: no robot evaluation
+            continue
+        closed_loop = {"success_rate": 0.5, "mean_max_reward": 2.5, "seeds": [7], "max_rewards": [4]}
+        write_json(robot_folder / "open_loop.json", {"mse": 0.0123, "l1": 0.0456})
+        write_json(robot_folder / "closed_loop.json", closed_loop)
+        runs.append(Run(label, model, (vqa_folder, robot_folder)))
     frames = [random_image(seed, (24, 32)) for seed in range(3)]
-    frames[0].save(tmp_path / "stage2/eval/rollout.gif", save_all=True, append_images=frames[1:])
+    frames[0].save(tmp_path / "stage2/robot/rollout.gif", save_all=True, append_images=frames[1:])
     return runs
 
 
@@ -62,7 +62,7 @@ def test_forgetting_table_lines_up_each_stage_and_shows_dashes_for_what_was_not_
 def test_report_command_writes_html_markdown_curves_and_rollout(runs, tmp_path, capsys):
     arguments = ["report", "--out", str(tmp_path / "report"), "--title", "tiny run"]
     for run in runs:
-        arguments += ["--run", run.label, str(run.model), str(run.evaluation)]
+        arguments += ["--run", run.label, str(run.model), *map(str, run.evaluations)]
     assert main(arguments) == 0
     out = tmp_path / "report"
     assert sorted(path.name for path in out.iterdir()) == [
@@ -81,8 +81,8 @@ def test_report_command_writes_html_markdown_curves_and_rollout(runs, tmp_path, 
 
 def test_missing_folders_and_broken_files_are_named(runs, tmp_path):
     with pytest.raises(VlaflowError, match="nowhere: no such folder \\(run 'x'\\)"):
-        write_report([Run("x", None, tmp_path / "nowhere")], tmp_path / "out")
-    (runs[0].evaluation / "vqa_summary.json").write_text("{broken")
-    with pytest.raises(VlaflowError, match="vlm/eval/vqa_summary.json: not valid JSON"):
+        write_report([Run("x", None, (tmp_path / "nowhere",))], tmp_path / "out")
+    (runs[0].evaluations[0] / "vqa_summary.json").write_text("{broken")
+    with pytest.raises(VlaflowError, match="vlm/vqa/vqa_summary.json: not valid JSON"):
         write_report(runs, tmp_path / "out")
     assert not (tmp_path / "out").exists()

@@ -87,10 +87,29 @@ def _train(args) -> None:
     print(f"{args.stage} model written to {out}")
 
 
+def _eval_vqa(args) -> None:
+    from vlaflow.evaluation.vqa import evaluate_vqa
+
+    summary = evaluate_vqa(
+        args.model,
+        args.benchmarks,
+        args.lmudata,
+        args.out,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        limit=args.limit,
+    )
+    for name, result in summary.items():
+        print(f"{name}: accuracy {result['overall']:.4f} over {result['total']} questions")
+
+
 def _report(args) -> None:
     from vlaflow.report import Run, write_report
 
-    runs = [Run(label, Path(model), Path(evaluation)) for label, model, evaluation in args.runs]
+    short = [run for run in args.runs if len(run) < 2]
+    if short:
+        raise VlaflowError(f"--run {' '.join(short[0])}: give a label and a model folder, then evaluation folders")
+    runs = [Run(label, Path(model), tuple(map(Path, evaluations))) for label, model, *evaluations in args.runs]
     out = write_report(runs, args.out, title=args.title)
     print(f"report written to {out / 'report.html'} and {out / 'report.md'}")
 
@@ -180,16 +199,28 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", type=Path, required=True, help="the trained model, written when training ends")
     train.set_defaults(run=_train)
 
+    evaluate = commands.add_parser("eval", help="evaluate a trained model: VQA benchmarks, robot control")
+    evaluations = evaluate.add_subparsers(dest="eval_command", required=True)
+    vqa = evaluations.add_parser("vqa", help="VLMEvalKit multiple-choice TSVs, answered by the VL expert")
+    vqa.add_argument("--model", type=Path, required=True)
+    vqa.add_argument("--benchmarks", nargs="+", required=True, metavar="NAME", help="read from LMUDATA/<NAME>.tsv")
+    vqa.add_argument("--lmudata", type=Path, required=True, help="VLMEvalKit's LMUData folder")
+    vqa.add_argument("--out", type=Path, required=True, help="a new folder for predictions and accuracies")
+    vqa.add_argument("--batch-size", type=int, default=8)
+    vqa.add_argument("--max-new-tokens", type=int, default=16)
+    vqa.add_argument("--limit", type=int, help="only the first N questions of each benchmark")
+    vqa.set_defaults(run=_eval_vqa)
+
     report = commands.add_parser("report", help="one page on a run: losses, evaluations, the forgetting table")
     report.add_argument("--out", type=Path, required=True, help="a new folder for report.html, report.md and figures")
     report.add_argument(
         "--run",
         dest="runs",
-        nargs=3,
+        nargs="+",
         action="append",
         required=True,
-        metavar=("LABEL", "MODEL_DIR", "EVAL_DIR"),
-        help="a trained model and its evaluations, in the order of the recipe (repeat: vlm, stage1, stage2)",
+        metavar="LABEL MODEL_DIR EVAL_DIR",
+        help="a label, a trained model and the folders of its evaluations; repeat in the recipe's order",
     )
     report.add_argument("--title", default="vlaflow run")
     report.set_defaults(run=_report)
@@ -201,7 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.run(args)
     except VlaflowError as error:
-        command = " ".join(filter(None, (args.command, getattr(args, "data_command", None))))
+        subcommand = getattr(args, "data_command", None) or getattr(args, "eval_command", None)
+        command = " ".join(filter(None, (args.command, subcommand)))
         print(f"vlaflow {command}: error: {error}", file=sys.stderr)
         return 2
     return 0

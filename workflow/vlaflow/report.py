@@ -25,16 +25,19 @@ DASH = "—"
 
 @dataclass(frozen=True)
 class Run:
-    """One trained model of the recipe: its label (vlm, stage1, ...), its folder and the folder
-    of its evaluations; either folder may be absent."""
+    """One trained model of the recipe: its label (vlm, stage1, ...), its folder (None if not at
+    hand) and the folders its evaluations wrote (VQA, robot), searched in order."""
 
     label: str
     model: Path | None
-    evaluation: Path | None
+    evaluations: tuple[Path, ...] = ()
+
+    def find(self, name: str) -> Path | None:
+        return next((folder / name for folder in self.evaluations if (folder / name).exists()), None)
 
     def read(self, name: str) -> dict | None:
-        path = self.evaluation / name if self.evaluation else None
-        if path is None or not path.exists():
+        path = self.find(name)
+        if path is None:
             return None
         try:
             return json.loads(path.read_text())
@@ -135,7 +138,7 @@ th:first-child,td:first-child{text-align:left}img{max-width:100%}figure{display:
 def write_report(runs: list[Run], out: Path, title: str = "vlaflow run") -> Path:
     """Write `report.html`, `report.md` and their pictures to the new folder `out`."""
     for run in runs:
-        for folder in (run.model, run.evaluation):
+        for folder in (run.model, *run.evaluations):
             if folder is not None and not folder.is_dir():
                 raise VlaflowError(f"{folder}: no such folder (run '{run.label}')")
     with atomic_directory(Path(out)) as staging:
@@ -146,9 +149,9 @@ def write_report(runs: list[Run], out: Path, title: str = "vlaflow run") -> Path
                 name = f"loss_{run.label}.png"
                 if plot_losses(metrics, staging / name, f"{run.label}: training losses"):
                     curves.append((run.label, name))
-            if run.evaluation is not None and (run.evaluation / ROLLOUT).exists():
+            if run.find(ROLLOUT) is not None:
                 name = f"rollout_{run.label}.gif"
-                shutil.copyfile(run.evaluation / ROLLOUT, staging / name)
+                shutil.copyfile(run.find(ROLLOUT), staging / name)
                 rollouts.append((run.label, name, run.read(CLOSED_LOOP) or {}))
         header, rows = forgetting_table(runs)
         details = vqa_detail(runs)
