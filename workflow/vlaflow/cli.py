@@ -103,6 +103,29 @@ def _eval_vqa(args) -> None:
         print(f"{name}: accuracy {result['overall']:.4f} over {result['total']} questions")
 
 
+def _eval_robot(args) -> None:
+    from vlaflow.evaluation.robot import evaluate_closed_loop, evaluate_open_loop
+
+    if args.open_loop:
+        result = evaluate_open_loop(
+            args.model, args.out, split=args.split, datasets=args.datasets, batch_size=args.batch_size, limit=args.limit
+        )
+        print(f"open loop on {result['samples']} {args.split} steps: MSE {result['mse']:.5f}, L1 {result['l1']:.5f}")
+    if args.episodes:
+        result = evaluate_closed_loop(
+            args.model,
+            args.out,
+            episodes=args.episodes,
+            seed=args.seed,
+            max_steps=args.max_steps,
+            temporal_ensemble=args.temporal_ensemble,
+        )
+        print(
+            f"closed loop, {result['episodes']} episodes: success rate {result['success_rate']:.2f}, "
+            f"mean max reward {result['mean_max_reward']:.2f} of 4"
+        )
+
+
 def _report(args) -> None:
     from vlaflow.report import Run, write_report
 
@@ -210,6 +233,22 @@ def build_parser() -> argparse.ArgumentParser:
     vqa.add_argument("--max-new-tokens", type=int, default=16)
     vqa.add_argument("--limit", type=int, help="only the first N questions of each benchmark")
     vqa.set_defaults(run=_eval_vqa)
+
+    robot = evaluations.add_parser("robot", help="action-chunk error on held-out episodes; ALOHA closed loop")
+    robot.add_argument("--model", type=Path, required=True)
+    robot.add_argument(
+        "--out", type=Path, required=True, help="folder for open_loop.json, closed_loop.json, rollout.gif"
+    )
+    robot.add_argument("--open-loop", action=argparse.BooleanOptionalAction, default=True)
+    robot.add_argument("--split", default="val", help="the registry split of held-out episodes")
+    robot.add_argument("--datasets", nargs="+", help="registry names (default: the model's training robot data)")
+    robot.add_argument("--batch-size", type=int, default=8)
+    robot.add_argument("--limit", type=int, help="at most N held-out steps, spread over the split")
+    robot.add_argument("--episodes", type=int, default=10, help="closed-loop episodes in the simulator (0: none)")
+    robot.add_argument("--seed", type=int, default=1000, help="seed of the first closed-loop episode")
+    robot.add_argument("--max-steps", type=int, default=400)
+    robot.add_argument("--temporal-ensemble", action="store_true", help="query every step and average (ACT)")
+    robot.set_defaults(run=_eval_robot)
 
     report = commands.add_parser("report", help="one page on a run: losses, evaluations, the forgetting table")
     report.add_argument("--out", type=Path, required=True, help="a new folder for report.html, report.md and figures")

@@ -1,0 +1,145 @@
+"""Robot evaluation of a real model, trained for a few steps on two recorded simulator demos (one
+of them held out): open loop on the held-out episode, closed loop in the simulator."""
+
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from tests.training_helpers import training_config
+from vlaflow.backbone.vla_config import make_vla_folder
+from vlaflow.data.language import TRANSFER_CUBE_INSTRUCTION
+from vlaflow.errors import VlaflowError
+from vlaflow.evaluation.policy import Policy
+from vlaflow.evaluation.robot import (
+    CLOSED_LOOP_FILE,
+    GIF_FRAME_STRIDE,
+    OPEN_LOOP_FILE,
+    ROLLOUT_FILE,
+    TemporalEnsemble,
+    evaluate_closed_loop,
+    evaluate_open_loop,
+    simulation_setup,
+)
+from vlaflow.sim.aloha import EPISODE_LENGTH, MAX_REWARD
+from vlaflow.sim.demos import record_demos
+from vlaflow.training.checkpoints import CONFIG_FILE
+from vlaflow.training.run import train
+
+DEMO_SIZE = (48, 64)  # (height, width) the demos are rendered at
+IMAGE_SIZE = [32, 40]  # what the model sees
+ALOHA = dict(action_dim=14, state_dim=14, chunk_size=10)
+
+
+@pytest.fixture(scope="module")
+def trained_model(tiny_backbone, mlp_weights, tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval_robot")
+    data = root / "data"
+    record_demos(data / "cube", 2, height=DEMO_SIZE[0], width=DEMO_SIZE[1], workers=2)
+    registry = {"cube": {"kind": "robot", "path": "cube", "cameras": ["top"], "splits": {"val": ["episode_0001.hdf5"]}}}
+    (data / "datasets.yaml").write_text(yaml.safe_dump(registry))
+    config_path = training_config(
+        root / "config.yaml",
+        data,
+        training={"max_steps": 5, "save_steps": 5},
+        stages={"stage1": {"robot": ["cube"]}},
+    )
+    config = yaml.safe_load(config_path.read_text())
+    config["model"] = ALOHA
+    config["data"].update(cameras=["top"], image_size=IMAGE_SIZE)
+    config_path.write_text(yaml.safe_dump(config))
+    vla = make_vla_folder(tiny_backbone, root / "vla", policy_head=ALOHA)
+    return train(config_path, "stage1", vla, root / "work", root / "model", mlp_weights=mlp_weights)
+
+
+def assert_errors_well_formed(result: dict) -> None:
+    for key in ("mse_per_dim", "l1_per_dim"):
+        assert len(result[key]) == ALOHA["action_dim"]
+        assert all(math.isfinite(value) and value >= 0 for value in result[key])
+    assert result["mse"] == pytest.approx(np.mean(result["mse_per_dim"]))
+    assert result["l1"] == pytest.approx(np.mean(result["l1_per_dim"]))
+
+
+def test_open_loop_scores_every_step_of_the_held_out_episode(trained_model, tmp_path):
+    result = evaluate_open_loop(trained_model, tmp_path, batch_size=32)
+    assert json.loads((tmp_path / OPEN_LOOP_FILE).read_text()) == result
+    assert set(result) == {"split", "datasets", "episodes", "samples", "mse", "l1", "mse_per_dim", "l1_per_dim"}
+    assert (result["split"], result["datasets"], result["episodes"]) == ("val", ["cube"], 1)
+    assert result["samples"] == EPISODE_LENGTH
+    assert_errors_well_formed(result)
+
+
+def test_open_loop_with_a_limit_spreads_its_samples_and_repeats_with_its_seed(trained_model, tmp_path):
+    first = evaluate_open_loop(trained_model, tmp_path / "first", batch_size=3, limit=5, seed=7)
+    again = evaluate_open_loop(trained_model, tmp_path / "again", batch_size=3, limit=5, seed=7)
+    assert first["samples"] == 5 and first == again
+    assert_errors_well_formed(first)
+
+
+def test_closed_loop_runs_seeded_episodes_and_records_the_first(trained_model, tmp_path):
+    result = evaluate_closed_loop(trained_model, tmp_path, episodes=1, seed=3, max_steps=40)
+    assert json.loads((tmp_path / CLOSED_LOOP_FILE).read_text()) == result
+    assert result["episodes"] == 1 and result["seeds"] == [3] and not result["temporal_ensemble"]
+    assert 0 <= result["success_rate"] <= 1 and 0 <= result["mean_max_reward"] <= MAX_REWARD
+    assert result["max_rewards"] == [result["mean_max_reward"]]
+    assert 1 <= result["steps"][0] <= 40
+    # the demos' rendering, resized to the model's input as in training
+    assert (result["camera"], result["render_size"]) == ("top", list(DEMO_SIZE))
+    assert result["instruction"] == TRANSFER_CUBE_INSTRUCTION
+    assert result["first_rollout_reasoning"][0]["step"] == 0
+    with Image.open(tmp_path / ROLLOUT_FILE) as gif:
+        assert gif.format == "GIF" and gif.size == (DEMO_SIZE[1], DEMO_SIZE[0])
+        assert 3 <= gif.n_frames <= math.ceil(result["steps"][0] / GIF_FRAME_STRIDE)
+        gif.seek(gif.n_frames - 1)
+        assert np.asarray(gif.convert("RGB")).std() > 0
+
+
+def test_closed_loop_with_temporal_ensembling_beside_an_open_loop_result(trained_model, tmp_path):
+    (tmp_path / OPEN_LOOP_FILE).write_text("{}")  # the two evaluations share an output folder
+    result = evaluate_closed_loop(trained_model, tmp_path, episodes=2, max_steps=4, temporal_ensemble=True, video=False)
+    assert result["temporal_ensemble"] and result["seeds"] == [1000, 1001] and result["steps"] == [4, 4]
+    assert not (tmp_path / ROLLOUT_FILE).exists()
+    assert json.loads((tmp_path / OPEN_LOOP_FILE).read_text()) == {}
+
+
+def test_temporal_ensemble_weights_the_oldest_prediction_most():
+    ensemble = TemporalEnsemble()
+    chunks = [np.full((3, 2), float(value)) for value in (1, 2, 4, 8)]
+    for step, chunk in enumerate(chunks[:3]):
+        ensemble.add(step, chunk)
+    weights = np.exp(-0.01 * np.arange(3))
+    np.testing.assert_allclose(ensemble.action(2), [weights @ [1, 2, 4] / weights.sum()] * 2)
+    ensemble.add(3, chunks[3])  # the chunk from step 0 covers steps 0-2 only
+    np.testing.assert_allclose(ensemble.action(3), [weights @ [2, 4, 8] / weights.sum()] * 2)
+
+
+def test_simulation_follows_the_training_demos_or_falls_back_without_them(trained_model, tmp_path):
+    policy = Policy(trained_model)
+    assert simulation_setup(policy).render_size == DEMO_SIZE
+    assert simulation_setup(policy, (60, 80)).render_size == (60, 80)
+
+    moved = tmp_path / "model"
+    shutil.copytree(trained_model, moved)
+    config = yaml.safe_load((moved / CONFIG_FILE).read_text())
+    config["data"]["registry"] = str(tmp_path / "gone.yaml")
+    (moved / CONFIG_FILE).write_text(yaml.safe_dump(config))
+    setup = simulation_setup(Policy(moved))
+    assert (setup.camera, setup.render_size, setup.instruction) == ("top", tuple(IMAGE_SIZE), TRANSFER_CUBE_INSTRUCTION)
+
+
+def test_a_model_without_normalisation_statistics_is_refused(vla_folder, tmp_path):
+    message = "no normalisation statistics: the model was not trained on robot data"
+    with pytest.raises(VlaflowError, match=message):
+        evaluate_open_loop(vla_folder, tmp_path)
+    with pytest.raises(VlaflowError, match=message):
+        evaluate_closed_loop(vla_folder, tmp_path)
+
+
+def test_an_existing_result_is_never_overwritten(trained_model, tmp_path):
+    (tmp_path / CLOSED_LOOP_FILE).write_text("{}")
+    with pytest.raises(VlaflowError, match="closed_loop.json: already exists"):
+        evaluate_closed_loop(trained_model, tmp_path)

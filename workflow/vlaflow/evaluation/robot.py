@@ -1,0 +1,299 @@
+"""Robot evaluation of a trained model folder.
+
+Open loop: the action chunk predicted for every time step of held-out episodes (a registry split)
+against the recorded one, in the robot's units. Closed loop: seeded transfer-cube episodes in the
+simulator, the policy in control; an episode succeeds when its maximum reward reaches 4.
+Both write their results into `out_dir` beside each other, each file written atomically.
+"""
+
+import json
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from torch.utils.data import ConcatDataset
+
+from vlaflow.data.language import TRANSFER_CUBE_INSTRUCTION
+from vlaflow.data.robot_dataset import RobotEpisodeDataset, inspect_episode
+from vlaflow.data.stage_data import robot_spec
+from vlaflow.errors import VlaflowError
+from vlaflow.evaluation.policy import Policy, robot_datasets
+from vlaflow.fs import atomic_file
+from vlaflow.sim.aloha import DT, EPISODE_LENGTH, MAX_REWARD, TransferCubeSim
+from vlaflow.sim.demos import SUMMARY_FILE
+
+OPEN_LOOP_FILE = "open_loop.json"
+CLOSED_LOOP_FILE = "closed_loop.json"
+ROLLOUT_FILE = "rollout.gif"
+ALOHA_DIM = 14  # the simulator's joints: per arm 6 joints and a gripper, for actions and state alike
+GIF_FRAME_STRIDE = 4
+TEMPORAL_ENSEMBLE_DECAY = 0.01  # ACT's k in w_i = exp(-k i)
+
+
+def _refuse_existing(paths: list[Path]) -> None:
+    for path in paths:
+        if path.exists():
+            raise VlaflowError(f"{path}: already exists; remove it or choose another output folder")
+
+
+def _write_json(path: Path, content: dict) -> None:
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(content, indent=2) + "\n")
+
+
+class _ErrorSums:
+    """Squared and absolute errors per action dimension over the unpadded chunk rows seen so far."""
+
+    def __init__(self, action_dim: int):
+        self.squared = np.zeros(action_dim)
+        self.absolute = np.zeros(action_dim)
+        self.rows = 0
+
+    def add(self, predicted: np.ndarray, truth: np.ndarray, valid: np.ndarray) -> None:
+        error = (predicted.astype(np.float64) - truth)[valid]  # (rows, action_dim)
+        self.squared += np.square(error).sum(axis=0)
+        self.absolute += np.abs(error).sum(axis=0)
+        self.rows += len(error)
+
+    def metrics(self) -> dict:
+        mse_per_dim, l1_per_dim = self.squared / self.rows, self.absolute / self.rows
+        return {
+            "mse": float(mse_per_dim.mean()),
+            "l1": float(l1_per_dim.mean()),
+            "mse_per_dim": mse_per_dim.tolist(),
+            "l1_per_dim": l1_per_dim.tolist(),
+        }
+
+
+def evaluate_open_loop(
+    model_dir: Path,
+    out_dir: Path,
+    *,
+    split: str = "val",
+    datasets: list[str] | None = None,
+    batch_size: int = 8,
+    limit: int | None = None,
+    seed: int = 0,
+) -> dict:
+    """Predict the action chunk of every time step of the split's episodes (at most `limit`
+    steps, evenly spread) and compare it with the recorded chunk over its unpadded rows: MSE and
+    L1 in the robot's units, overall and per action dimension. Writes `open_loop.json`."""
+    if batch_size < 1:
+        raise VlaflowError(f"the batch size must be at least 1, not {batch_size}")
+    if limit is not None and limit < 1:
+        raise VlaflowError(f"the limit must be at least 1 time step, not {limit}")
+    out = Path(out_dir) / OPEN_LOOP_FILE
+    _refuse_existing([out])
+    policy = Policy(model_dir, seed)
+    entries = robot_datasets(policy.config, datasets)
+    parts = [
+        RobotEpisodeDataset(entry.episodes(split), robot_spec(policy.config, entry), policy.stats) for entry in entries
+    ]
+    samples = ConcatDataset(parts)
+    indices = np.arange(len(samples))
+    if limit is not None and limit < len(samples):
+        indices = np.linspace(0, len(samples) - 1, limit).round().astype(int)
+    episodes = sum(len(part.episodes) for part in parts)
+    print(f"open loop: {len(indices)} time steps of {episodes} '{split}' episodes", flush=True)
+
+    started = time.perf_counter()
+    errors = _ErrorSums(policy.action_dim)
+    for start in range(0, len(indices), batch_size):
+        batch = [samples[int(index)] for index in indices[start : start + batch_size]]
+        predicted = policy.predict(
+            [sample.images for sample in batch],
+            np.stack([sample.state for sample in batch]),
+            [sample.instruction for sample in batch],
+        ).actions
+        truth = policy.stats.unnormalize_actions(np.stack([sample.actions for sample in batch]))
+        errors.add(predicted, truth, ~np.stack([sample.is_pad for sample in batch]))
+    result = {
+        "split": split,
+        "datasets": [entry.name for entry in entries],
+        "episodes": episodes,
+        "samples": len(indices),
+        **errors.metrics(),
+    }
+    _write_json(out, result)
+    seconds = time.perf_counter() - started
+    print(f"open loop: MSE {result['mse']:.5g}, L1 {result['l1']:.5g} ({seconds:.1f} s) -> {out}", flush=True)
+    return result
+
+
+class TemporalEnsemble:
+    """ACT's temporal ensembling: the action for a step is the weighted mean of every chunk's
+    prediction for it, the i-th oldest chunk weighted exp(-0.01 i)."""
+
+    def __init__(self):
+        self._chunks: deque[tuple[int, np.ndarray]] = deque()  # (step it was predicted at, chunk)
+
+    def add(self, step: int, chunk: np.ndarray) -> None:
+        self._chunks.append((step, chunk))
+
+    def action(self, step: int) -> np.ndarray:
+        while self._chunks and self._chunks[0][0] + len(self._chunks[0][1]) <= step:
+            self._chunks.popleft()
+        predictions = np.stack([chunk[step - start] for start, chunk in self._chunks])
+        weights = np.exp(-TEMPORAL_ENSEMBLE_DECAY * np.arange(len(predictions)))
+        return weights @ predictions / weights.sum()
+
+
+@dataclass(frozen=True)
+class SimulationSetup:
+    camera: str
+    render_size: tuple[int, int]  # (height, width)
+    instruction: str
+
+
+def simulation_setup(policy: Policy, render_size: tuple[int, int] | None = None) -> SimulationSetup:
+    """The camera, rendering size and instruction of the demonstrations the model learnt from:
+    the camera its training dataset maps to the model's input, the size its recorder rendered at
+    (`demos.json`; else the model's image size), the instruction of its first episode. Without
+    that dataset at hand: the config's camera and the transfer-cube instruction."""
+    cameras = policy.config["data"]["cameras"]
+    if len(cameras) != 1:
+        raise VlaflowError(f"the simulator renders one camera; the model takes {len(cameras)} (data.cameras)")
+    try:
+        entry = robot_datasets(policy.config)[0]
+        spec = robot_spec(policy.config, entry)
+        instruction = inspect_episode(entry.episodes()[0], spec).instruction
+    except VlaflowError as error:
+        print(f"closed loop: the training data is not at hand ({error}); using the transfer-cube instruction")
+        return SimulationSetup(cameras[0], tuple(render_size or policy.image_size), TRANSFER_CUBE_INSTRUCTION)
+    summary = entry.path / SUMMARY_FILE
+    if render_size is None and summary.is_file():
+        recorded = json.loads(summary.read_text())
+        render_size = (recorded["height"], recorded["width"])
+    return SimulationSetup(spec.cameras[0], tuple(render_size or policy.image_size), instruction)
+
+
+@dataclass
+class Rollout:
+    seed: int
+    max_reward: int
+    steps: int
+    seconds: float
+    frames: list[np.ndarray]  # every GIF_FRAME_STRIDE-th camera frame, when kept
+    reasoning: list[dict]  # {"step", "text"} each time the model's reasoning changes
+
+
+def run_episode(
+    sim: TransferCubeSim,
+    policy: Policy,
+    setup: SimulationSetup,
+    seed: int,
+    *,
+    max_steps: int,
+    temporal_ensemble: bool,
+    keep_frames: bool,
+) -> Rollout:
+    """One episode from `sim.reset(seed)` until success or `max_steps`. The policy is queried
+    whenever its last chunk is used up, or at every step with temporal ensembling."""
+    policy.reseed(seed)  # an episode's actions do not depend on the episodes before it
+    started = time.perf_counter()
+    observation = sim.reset(seed)
+    pending: deque[np.ndarray] = deque()
+    ensemble = TemporalEnsemble() if temporal_ensemble else None
+    frames, reasoning, max_reward = [], [], 0
+    for step in range(max_steps):
+        if keep_frames and step % GIF_FRAME_STRIDE == 0:
+            frames.append(observation.image)
+        if ensemble is not None or not pending:
+            images, state = policy.observe([observation.image], observation.qpos)
+            output = policy.predict([images], state[None], [setup.instruction])
+            if not reasoning or reasoning[-1]["text"] != output.reasoning[0]:
+                reasoning.append({"step": step, "text": output.reasoning[0]})
+            if ensemble is not None:
+                ensemble.add(step, output.actions[0])
+            else:
+                pending.extend(output.actions[0])
+        observation, reward = sim.step(ensemble.action(step) if ensemble is not None else pending.popleft())
+        max_reward = max(max_reward, reward)
+        if max_reward == MAX_REWARD:
+            break
+    return Rollout(seed, max_reward, step + 1, time.perf_counter() - started, frames, reasoning)
+
+
+def _write_gif(path: Path, frames: list[np.ndarray]) -> None:
+    images = [Image.fromarray(frame) for frame in frames]
+    with atomic_file(path) as tmp:
+        images[0].save(
+            tmp,
+            format="GIF",
+            save_all=True,
+            append_images=images[1:],
+            duration=round(GIF_FRAME_STRIDE * DT * 1000),  # real time
+            loop=0,
+        )
+
+
+def evaluate_closed_loop(
+    model_dir: Path,
+    out_dir: Path,
+    *,
+    episodes: int = 10,
+    seed: int = 1000,
+    max_steps: int = EPISODE_LENGTH,
+    temporal_ensemble: bool = False,
+    render_size: tuple[int, int] | None = None,
+    video: bool = True,
+) -> dict:
+    """Run `episodes` transfer-cube episodes with seeds `seed`, `seed + 1`, ... under the policy;
+    writes `closed_loop.json` and, with `video`, the first rollout as `rollout.gif`."""
+    if episodes < 1 or max_steps < 1:
+        raise VlaflowError(f"episodes and max_steps must be at least 1, not {episodes} and {max_steps}")
+    out_dir = Path(out_dir)
+    _refuse_existing([out_dir / CLOSED_LOOP_FILE] + ([out_dir / ROLLOUT_FILE] if video else []))
+    policy = Policy(model_dir, seed)
+    if (policy.action_dim, policy.state_dim) != (ALOHA_DIM, ALOHA_DIM):
+        raise VlaflowError(
+            f"{model_dir}: action/state dimensions {policy.action_dim}/{policy.state_dim}; "
+            f"the transfer-cube simulator needs {ALOHA_DIM}/{ALOHA_DIM}"
+        )
+    setup = simulation_setup(policy, render_size)
+    sim = TransferCubeSim(*setup.render_size, camera=setup.camera)
+    rollouts = []
+    for number in range(episodes):
+        rollout = run_episode(
+            sim,
+            policy,
+            setup,
+            seed + number,
+            max_steps=max_steps,
+            temporal_ensemble=temporal_ensemble,
+            keep_frames=video and number == 0,
+        )
+        rollouts.append(rollout)
+        print(
+            f"closed loop: episode {number + 1}/{episodes} (seed {rollout.seed}): max reward {rollout.max_reward}, "
+            f"{rollout.steps} steps in {rollout.seconds:.1f} s ({1000 * rollout.seconds / rollout.steps:.0f} ms/step)",
+            flush=True,
+        )
+    max_rewards = [rollout.max_reward for rollout in rollouts]
+    result = {
+        "episodes": episodes,
+        "seeds": [rollout.seed for rollout in rollouts],
+        "max_rewards": max_rewards,
+        "success_rate": sum(reward == MAX_REWARD for reward in max_rewards) / episodes,
+        "mean_max_reward": float(np.mean(max_rewards)),
+        "temporal_ensemble": temporal_ensemble,
+        "steps": [rollout.steps for rollout in rollouts],
+        "max_steps": max_steps,
+        "seconds": [round(rollout.seconds, 3) for rollout in rollouts],
+        "camera": setup.camera,
+        "render_size": list(setup.render_size),
+        "instruction": setup.instruction,
+        "first_rollout_reasoning": rollouts[0].reasoning,
+    }
+    if video:
+        _write_gif(out_dir / ROLLOUT_FILE, rollouts[0].frames)
+    _write_json(out_dir / CLOSED_LOOP_FILE, result)
+    print(
+        f"closed loop: success rate {result['success_rate']:.2f}, mean max reward {result['mean_max_reward']:.2f} "
+        f"-> {out_dir / CLOSED_LOOP_FILE}",
+        flush=True,
+    )
+    return result
