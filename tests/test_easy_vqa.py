@@ -276,3 +276,25 @@ def test_training_conversations_load_and_collate_through_the_data_pipeline(tmp_p
     assert collator.tokenizer.decode(labels[labels >= 0]) == "".join(f"{answer}<|im_end|>" for answer in answers)
     # the tiny tokenizer was trained on easy-vqa: each answer word is one token
     assert (labels >= 0).sum() == 2 * len(answers)
+
+
+def test_a_share_of_training_questions_is_asked_as_the_benchmark_asks(tmp_path, train_answers):
+    build_easy_vqa_train(tmp_path / "mixed", limit=30, seed=0, multiple_choice=0.5)
+    entries = json.loads((tmp_path / "mixed" / TRAIN_JSON).read_text())
+    turns, lettered = 0, 0
+    for entry in entries:
+        image_id = int(entry["image"].removesuffix(".png"))
+        conversation = entry["conversations"]
+        for prompt, reply in zip(conversation[::2], conversation[1::2]):
+            turns += 1
+            text = prompt["value"].removeprefix("<image>\n")
+            if "\nOptions:\n" not in text:
+                assert train_answers[image_id][text] == reply["value"]
+                continue
+            lettered += 1
+            assert text.endswith("Please select the correct answer from the options above. \n")
+            question = text.removeprefix("Question: ").split("\n")[0]
+            options = dict(line.split(". ", 1) for line in text.split("Options:\n")[1].splitlines()[:-1])
+            assert options[reply["value"]] == train_answers[image_id][question]
+            assert {answer_category(option) for option in options.values()} == {answer_category(options["A"])}
+    assert 0.3 < lettered / turns < 0.7

@@ -60,7 +60,14 @@ def _data_check(args) -> None:
 def _data_easy_vqa(args) -> None:
     from vlaflow.data.easy_vqa import build_easy_vqa_benchmark, build_easy_vqa_train
 
-    build_easy_vqa_train(args.train_out, limit=args.train_images, seed=args.seed, max_turns=args.max_turns)
+    build_easy_vqa_train(
+        args.train_out,
+        limit=args.train_images,
+        seed=args.seed,
+        max_turns=args.max_turns,
+        multiple_choice=args.multiple_choice,
+        options=args.options,
+    )
     build_easy_vqa_benchmark(args.benchmark_out, limit=args.benchmark_questions, seed=args.seed, options=args.options)
     print(f"easy-vqa training conversations in {args.train_out}, benchmark in {args.benchmark_out}")
 
@@ -160,8 +167,15 @@ def _add_data_commands(commands) -> None:
     easy_vqa.add_argument("benchmark_out", type=Path, help="the benchmark TSV, by convention LMUData/EasyVQA.tsv")
     easy_vqa.add_argument("--train-images", type=int, help="images of the train split to use (default: all)")
     easy_vqa.add_argument("--max-turns", type=int, default=8, help="questions per training conversation")
+    easy_vqa.add_argument(
+        "--multiple-choice",
+        type=float,
+        default=0.0,
+        metavar="FRACTION",
+        help="share of training questions asked in the benchmark's multiple-choice format, answered by letter",
+    )
     easy_vqa.add_argument("--benchmark-questions", type=int, help="questions of the test split to use (default: all)")
-    easy_vqa.add_argument("--options", type=int, default=4, help="option columns of the benchmark")
+    easy_vqa.add_argument("--options", type=int, default=4, help="options per multiple-choice question")
     easy_vqa.add_argument("--seed", type=int, default=0)
     easy_vqa.set_defaults(run=_data_easy_vqa)
 

@@ -49,6 +49,7 @@ from pathlib import Path
 import easy_vqa
 
 from vlaflow.data.conversations import IMAGE_PLACEHOLDER
+from vlaflow.data.language import multiple_choice_prompt
 from vlaflow.errors import VlaflowError
 from vlaflow.fs import atomic_directory, atomic_file
 
@@ -85,11 +86,21 @@ def question_family(question: str) -> str:
 
 
 def build_easy_vqa_train(
-    out_dir: Path, *, limit: int | None = None, seed: int = 0, max_turns: int = DEFAULT_MAX_TURNS
+    out_dir: Path,
+    *,
+    limit: int | None = None,
+    seed: int = 0,
+    max_turns: int = DEFAULT_MAX_TURNS,
+    multiple_choice: float = 0.0,
+    options: int = 4,
 ) -> Path:
     """Write the LLaVA training folder: for each of `limit` images (all when None), up to
-    `max_turns` of its questions in a shuffled order, the bare answer word as the reply."""
+    `max_turns` of its questions in a shuffled order, the bare answer word as the reply. A
+    `multiple_choice` fraction of the questions is asked in VLMEvalKit's multiple-choice format
+    instead and answered with the option's letter, as LLaVA's instruction mix does with A-OKVQA."""
     _require_positive(limit=limit, max_turns=max_turns)
+    if not 0 <= multiple_choice <= 1:
+        raise VlaflowError(f"multiple_choice={multiple_choice}: a fraction between 0 and 1")
     questions, answers, image_ids = easy_vqa.get_train_questions()
     pairs_by_image = defaultdict(list)
     for question, answer, image_id in zip(questions, answers, image_ids):
@@ -106,6 +117,9 @@ def build_easy_vqa_train(
             shutil.copyfile(image_paths[image_id], staging / IMAGES_FOLDER / image_name)
             rng = random.Random(f"{seed}:{image_id}")
             pairs = rng.sample(pairs_by_image[image_id], min(max_turns, len(pairs_by_image[image_id])))
+            pairs = [
+                _as_multiple_choice(*pair, options, rng) if rng.random() < multiple_choice else pair for pair in pairs
+            ]
             entries.append({"id": f"easy_vqa_train_{image_id}", "image": image_name, "conversations": _turns(pairs)})
         (staging / TRAIN_JSON).write_text(json.dumps(entries, indent=1, ensure_ascii=False), encoding="utf-8")
     return out_dir
@@ -148,6 +162,13 @@ def _choices(answer: str, options: int, rng: random.Random) -> list[str]:
     choices = [answer, *distractors]
     rng.shuffle(choices)
     return choices
+
+
+def _as_multiple_choice(question: str, answer: str, options: int, rng: random.Random) -> tuple[str, str]:
+    choices = _choices(answer, options, rng)
+    letters = string.ascii_uppercase[: len(choices)]
+    prompt = multiple_choice_prompt(question, dict(zip(letters, choices)))
+    return prompt, letters[choices.index(answer)]
 
 
 def _turns(pairs: list[tuple[str, str]]) -> list[dict]:

@@ -23,4 +23,16 @@ NEXT_ACTION_MARKER = "Next action:"
 
 MULTIPLE_CHOICE_INSTRUCTION = "Please select the correct answer from the options above."
 
+
+def multiple_choice_prompt(question: str, options: dict[str, str], hint: str | None = None) -> str:
+    """VLMEvalKit's multiple-choice prompt (ImageMCQDataset.build_prompt), character for character;
+    the embedded training data asks some questions this way too."""
+    prompt = f"Hint: {hint}\n" if hint is not None else ""
+    prompt += f"Question: {question}\n"
+    if options:
+        prompt += "Options:\n" + "".join(f"{letter}. {text}\n" for letter, text in options.items())
+        prompt += f"{MULTIPLE_CHOICE_INSTRUCTION} \n"  # VLMEvalKit's instruction ends with a space
+    return prompt
+
+
 SYSTEM_PROMPT = "You are a helpful assistant."

@@ -33,7 +33,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 import vlaflow.models  # noqa: F401  (registers the model and processor classes)
 from vlaflow.backbone.folder import verify_model_folder
-from vlaflow.data.language import MULTIPLE_CHOICE_INSTRUCTION
+from vlaflow.data.language import multiple_choice_prompt
 from vlaflow.errors import VlaflowError
 from vlaflow.fs import atomic_directory
 
@@ -226,13 +226,7 @@ def decode_image(image: str) -> Image.Image:
 
 
 def mcq_prompt(question: Question) -> str:
-    """VLMEvalKit's multiple-choice prompt (ImageMCQDataset.build_prompt), character for character."""
-    prompt = f"Hint: {question.hint}\n" if question.hint is not None else ""
-    prompt += f"Question: {question.question}\n"
-    if question.options:
-        prompt += "Options:\n" + "".join(f"{letter}. {text}\n" for letter, text in question.options.items())
-        prompt += f"{MULTIPLE_CHOICE_INSTRUCTION} \n"  # VLMEvalKit's instruction ends with a space
-    return prompt
+    return multiple_choice_prompt(question.question, question.options, question.hint)
 
 
 def extract_choice(prediction: str, options: dict[str, str]) -> str | None:
