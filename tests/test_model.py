@@ -232,3 +232,16 @@ def test_total_loss_weights_the_vl_parts_and_rescales_each_kind(vla_model, mixed
     )
     assert torch.allclose(weighted, expected)
     assert torch.equal(vla_model.total_loss(output), output.loss)
+
+
+def test_generation_never_writes_vision_placeholders(vla_model, processor):
+    """An untrained model may prefer any token; a generated image placeholder would break the
+    second pass of predict_action, which feeds the reasoning back in."""
+    vla_model.eval()
+    with torch.no_grad():
+        vla_model.lm_head.weight[vla_model.config.image_token_id] += 50.0  # make it the favourite
+    inputs = processor.generation_inputs([[random_image(0)]], ["Pick up the red cube."])
+    answer = vla_model.answer(**inputs, max_new_tokens=4)
+    assert vla_model.config.image_token_id not in answer.tolist()[0]
+    prediction = vla_model.predict_action(**inputs, states=torch.zeros(1, STATE_DIM), max_reasoning_tokens=4)
+    assert prediction.actions.shape == (1, CHUNK_SIZE, ACTION_DIM)

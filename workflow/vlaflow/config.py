@@ -57,13 +57,18 @@ def validate_config(config: dict, source: str = "config") -> dict:
         error = errors[0]
         key = ".".join(str(part) for part in error.absolute_path) or "(top level)"
         raise ConfigError(f"{source}: {key}: {error.message}")
+    check_rules(config, source)
+    return config
+
+
+def check_rules(config: dict, source: str = "config") -> None:
+    """What the schema cannot say: rules between keys of a schema-valid config."""
     for stage, settings in config["stages"].items():
         mix = settings.get("mix", {})
         if "vl_ratio" in mix and "vl_batch_fraction" in mix:
             raise ConfigError(f"{source}: stages.{stage}.mix: set vl_ratio or vl_batch_fraction, not both")
         if "vl_ratio" in mix and mix["vl_ratio"] < 0 and mix["vl_ratio"] != -1:
             raise ConfigError(f"{source}: stages.{stage}.mix.vl_ratio: must be -1 (all VL data) or >= 0")
-    return config
 
 
 def load_config(path: Path) -> dict:

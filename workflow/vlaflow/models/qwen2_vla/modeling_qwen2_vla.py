@@ -326,6 +326,7 @@ class Qwen2VLAForConditionalGeneration(Qwen2VLForConditionalGeneration):
             expert_route=route,
             max_new_tokens=max_new_tokens,
             do_sample=False,
+            suppress_tokens=self._vision_token_ids(),
             **kwargs,
         )
         return sequences[:, input_ids.shape[1] :]
@@ -356,6 +357,7 @@ class Qwen2VLAForConditionalGeneration(Qwen2VLForConditionalGeneration):
                 expert_route=route,
                 max_new_tokens=max_reasoning_tokens,
                 do_sample=False,
+                suppress_tokens=self._vision_token_ids(),
                 **kwargs,
             )
         reasoning_ids = sequences[:, prompt_length:]
@@ -379,6 +381,12 @@ class Qwen2VLAForConditionalGeneration(Qwen2VLForConditionalGeneration):
         if pad_id is None:
             pad_id = self._eos_token_ids()[0]
         return ActionPrediction(actions=actions, reasoning_ids=reasoning_ids.masked_fill(~reasoning_mask, pad_id))
+
+    def _vision_token_ids(self) -> list[int]:
+        """Placeholders that only the processor may write: generated ones would claim image
+        features that do not exist when the reasoning is fed back in."""
+        config = self.config
+        return [config.image_token_id, config.video_token_id, config.vision_start_token_id, config.vision_end_token_id]
 
     def _eos_token_ids(self) -> list[int]:
         """The generation config's end tokens; official Qwen2-VL folders list two."""

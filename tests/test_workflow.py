@@ -1,0 +1,101 @@
+"""The Snakemake workflow, run for real on a tiny configuration: targets, partial reruns,
+resuming after the controller is killed, and configuration errors before any job."""
+
+import signal
+import subprocess
+import time
+
+import pytest
+import yaml
+
+from tests.workflow_helpers import planned_jobs, snakemake, start_snakemake, tiny_workflow
+from vlaflow.training.checkpoints import COMPLETE_MARKER
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A complete run of `all`."""
+    root = tmp_path_factory.mktemp("workflow")
+    tiny_workflow(root)
+    result = snakemake(root, "--cores", "2", "all")
+    assert result.returncode == 0, result.stderr[-4000:]
+    return root
+
+
+def test_all_builds_every_model_evaluation_and_the_report(finished):
+    results = finished / "results"
+    for stage in ("vlm", "stage1", "stage2"):
+        assert (results / "models" / stage / "model.safetensors").exists()
+        assert (results / "eval" / stage / "vqa" / "vqa_summary.json").exists()
+    for stage in ("stage1", "stage2"):
+        assert (results / "eval" / stage / "robot" / "open_loop.json").exists()
+    assert (results / "report" / "report.html").exists()
+    assert "forgetting table" in (results / "report" / "report.md").read_text().lower()
+    for rule in ("vlm", "stage1", "stage2", "eval_vqa_stage2", "eval_robot_stage1"):
+        benchmark = (results / "benchmarks" / f"{rule}.tsv").read_text().splitlines()
+        assert benchmark[0].startswith("s\t") and float(benchmark[1].split("\t")[0]) > 0
+
+
+def test_a_second_invocation_has_nothing_to_do(finished):
+    result = snakemake(finished, "--cores", "2", "all")
+    assert result.returncode == 0
+    assert "Nothing to be done" in result.stdout + result.stderr
+
+
+def test_stage2_ckpt_builds_only_what_stage2_needs(tmp_path):
+    tiny_workflow(tmp_path)
+    jobs = planned_jobs(snakemake(tmp_path, "-n", "stage2_ckpt"))
+    assert set(jobs) == {
+        "download", "vla_config", "mlp_weights", "data_check", "vlm", "vlm_mlp_weights", "stage1", "stage2", "stage2_ckpt",
+    }  # fmt: skip
+
+
+def rerun_plan(root, **overrides) -> dict[str, int]:
+    changed = tiny_workflow(root, **overrides)
+    return planned_jobs(snakemake(root, "-n", "--cores", "2", "all", config=changed))
+
+
+def test_changing_a_stage2_setting_reruns_stage2_and_what_follows(finished):
+    jobs = rerun_plan(finished, stages__stage2__training__learning_rate=1e-4)
+    assert jobs == {"stage2": 1, "eval_vqa": 1, "eval_robot": 1, "report": 1, "all": 1}
+
+
+def test_changing_an_evaluation_setting_reruns_only_evaluation(finished):
+    jobs = rerun_plan(finished, evaluation__vqa__max_new_tokens=3)
+    assert jobs == {"eval_vqa": 3, "report": 1, "all": 1}
+    tiny_workflow(finished)  # back to the finished configuration
+
+
+def test_a_config_error_stops_the_workflow_before_any_job(tmp_path):
+    config = tiny_workflow(tmp_path)
+    settings = yaml.safe_load(config.read_text())
+    settings["training"]["max_stepz"] = 3
+    config.write_text(yaml.safe_dump(settings))
+    result = snakemake(tmp_path, "--cores", "2", "all")
+    assert result.returncode != 0
+    assert "max_stepz" in result.stderr and "Additional properties are not allowed" in result.stderr
+    assert not (tmp_path / "results").exists()
+
+
+def test_killing_snakemake_during_stage1_then_rerunning_resumes_training(tmp_path):
+    tiny_workflow(tmp_path, stages__stage1__training={"max_steps": 60, "save_steps": 5})
+    work = tmp_path / "results" / "work" / "stage1"
+    process = start_snakemake(tmp_path, "--cores", "2", "stage1")
+    deadline = time.monotonic() + 600
+    while not (work / "checkpoint-5" / COMPLETE_MARKER).exists():
+        assert process.poll() is None, process.stdout.read()[-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)  # the controller dies; its job keeps running, then is killed too
+    process.wait()
+    subprocess.run(["pkill", "-9", "-f", f"--workdir {work}"], check=False)
+    assert not (tmp_path / "results" / "models" / "stage1").exists()
+
+    assert snakemake(tmp_path, "--unlock").returncode == 0
+    result = snakemake(tmp_path, "--cores", "2", "--rerun-incomplete", "stage1")
+    assert result.returncode == 0, result.stderr[-4000:]
+    log = (tmp_path / "results" / "logs" / "stage1.log").read_text()
+    assert "resuming from" in log and "(step 0)" not in log
+    assert (tmp_path / "results" / "models" / "stage1" / "model.safetensors").exists()

@@ -1,0 +1,84 @@
+# Configuration checks and the helpers every phase uses.
+import json
+
+from snakemake.utils import validate
+
+from vlaflow.config import check_rules
+
+# Defaults are filled in here, and a wrong type or unknown key stops the workflow before any job.
+validate(config, "../schemas/config.schema.yaml")
+check_rules(config, "the workflow config")
+
+CONFIG_FILE = workflow.configfiles[-1] if workflow.configfiles else "config/config.yaml"
+RESULTS = config["results"]
+DATA_ROOT = config["data"]["root"]
+STAGES = [stage for stage in ("vlm", "stage1", "stage2") if stage in config["stages"]]
+ROBOT_STAGES = [stage for stage in STAGES if config["stages"][stage].get("robot")]
+ENV = "../../envs/vlaflow.yaml"
+# Logs, benchmarks and the resumable work folders sit beside the declared outputs, never inside:
+# Snakemake deletes the outputs of a failed job, and training must be able to resume.
+LOGS = f"{RESULTS}/logs"
+BENCHMARKS = f"{RESULTS}/benchmarks"
+
+
+wildcard_constraints:
+    stage="|".join(STAGES),
+    robot_stage="|".join(ROBOT_STAGES) or "(?!)",
+
+
+def result(path):
+    return f"{RESULTS}/{path}"
+
+
+def embedded(name):
+    """The settings of one of the embedded default's datasets, or None when the config skips it."""
+    return config["embedded"].get(name)
+
+
+def embedded_data(stage):
+    """The data folders the workflow builds and this stage reads (for the order of the jobs)."""
+    folders = []
+    for name, kind in (("aloha_demos", "robot"), ("easy_vqa", "vl")):
+        settings = embedded(name)
+        listed = config["stages"][stage].get(kind, [])
+        if settings and any(
+            spec.split("%")[0] in (settings["dataset"], "all") for spec in listed
+        ):
+            folders.append(f"{DATA_ROOT}/{settings['dataset']}")
+    return folders
+
+
+def fingerprint(*keys, stage=None):
+    """The config values a job's output depends on, as one string: a change reruns the job and
+    everything after it; nothing else in the config does."""
+    value = {key: config[key] for key in keys}
+    if stage is not None:
+        value["stage"] = config["stages"][stage]
+    return json.dumps(value, sort_keys=True)
+
+
+def launch(stage_command):
+    """The command line that starts `vlaflow <stage_command>` under the configured launcher."""
+    launcher = config["launcher"]
+    per_node, nodes, port = (
+        launcher["processes_per_node"],
+        launcher["nodes"],
+        launcher["port"],
+    )
+    entry = f"-m vlaflow.cli {stage_command}"
+    if launcher["kind"] == "torchrun":
+        return f"torchrun --nproc-per-node {per_node} --master-port {port} {entry}"
+    if launcher["kind"] == "deepspeed":
+        return f"deepspeed --num_gpus {per_node} --master_port {port} --module vlaflow.cli {stage_command}"
+    if launcher["kind"] == "srun":
+        rendezvous = f"--rdzv-backend c10d --rdzv-endpoint $(hostname):{port}"
+        return f"srun --nodes {nodes} --ntasks-per-node 1 torchrun --nnodes {nodes} --nproc-per-node {per_node} {rendezvous} {entry}"
+    return f"vlaflow {stage_command}"
+
+
+def launch_resources():
+    """Extra resources of a launched job: several nodes need the SLURM executor's `mpi`."""
+    launcher = config["launcher"]
+    if launcher["kind"] == "srun":
+        return {"mpi": "srun", "nodes": launcher["nodes"], "tasks": launcher["nodes"]}
+    return {}

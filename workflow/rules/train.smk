@@ -1,0 +1,124 @@
+# VLM-only training (when the config has a `vlm` stage), stage 1 and stage 2. Each keeps its
+# resumable checkpoints in results/work/<stage>, outside the declared output: a retried or rerun
+# job continues from its last checkpoint, and the model folder appears only when training ends.
+TRAIN = (
+    "{params.launch} --config {CONFIG_FILE} --stage {params.stage} --init {input.init} {params.mlp} "
+    "--workdir {params.workdir} --out {output} > {log} 2>&1"
+)
+
+
+def train_inputs(stage):
+    inputs = {"check": rules.data_check.output, "data": embedded_data(stage)}
+    if stage == "vlm" or (stage == "stage1" and "vlm" not in STAGES):
+        inputs.update(init=rules.vla_config.output[0], mlp=rules.mlp_weights.output[0])
+    elif stage == "stage1":
+        inputs.update(
+            init=result("models/vlm"), mlp=result("vlm_mlp_weights.safetensors")
+        )
+    else:
+        inputs.update(init=result("models/stage1"))
+    return inputs
+
+
+def train_params(stage):
+    return {
+        "stage": stage,
+        "launch": launch("train"),
+        "workdir": result(f"work/{stage}"),
+        "mlp": (
+            f"--mlp-weights {train_inputs(stage)['mlp']}"
+            if "mlp" in train_inputs(stage)
+            else ""
+        ),
+        "settings": fingerprint("data", "model", "training", stage=stage),
+    }
+
+
+if "vlm" in STAGES:
+
+    rule vlm:
+        input:
+            **train_inputs("vlm"),
+        output:
+            directory(result("models/vlm")),
+        log:
+            f"{LOGS}/vlm.log",
+        benchmark:
+            f"{BENCHMARKS}/vlm.tsv"
+        retries: 2
+        conda:
+            ENV
+        container:
+            config["container"]
+        threads: 2
+        resources:
+            **launch_resources(),
+        params:
+            **train_params("vlm"),
+        shell:
+            TRAIN
+
+    rule vlm_mlp_weights:
+        input:
+            rules.vlm.output,
+        output:
+            result("vlm_mlp_weights.safetensors"),
+        log:
+            f"{LOGS}/vlm_mlp_weights.log",
+        conda:
+            ENV
+        container:
+            config["container"]
+        shell:
+            "vlaflow save-mlp-weights {input} {output} > {log} 2>&1"
+
+
+rule stage1:
+    input:
+        **train_inputs("stage1"),
+    output:
+        directory(result("models/stage1")),
+    log:
+        f"{LOGS}/stage1.log",
+    benchmark:
+        f"{BENCHMARKS}/stage1.tsv"
+    retries: 2
+    conda:
+        ENV
+    container:
+        config["container"]
+    threads: 2
+    resources:
+        **launch_resources(),
+    params:
+        **train_params("stage1"),
+    shell:
+        TRAIN
+
+
+rule stage2:
+    input:
+        **train_inputs("stage2"),
+    output:
+        directory(result("models/stage2")),
+    log:
+        f"{LOGS}/stage2.log",
+    benchmark:
+        f"{BENCHMARKS}/stage2.tsv"
+    retries: 2
+    conda:
+        ENV
+    container:
+        config["container"]
+    threads: 2
+    resources:
+        **launch_resources(),
+    params:
+        **train_params("stage2"),
+    shell:
+        TRAIN
+
+
+rule stage2_ckpt:
+    input:
+        rules.stage2.output,
