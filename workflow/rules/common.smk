@@ -57,6 +57,16 @@ def fingerprint(*keys, stage=None):
     return json.dumps(value, sort_keys=True)
 
 
+def data_fingerprint():
+    """What the data check depends on: the data settings and the datasets each stage lists, not
+    how the stages train."""
+    datasets = {
+        stage: {key: settings.get(key) for key in ("robot", "vl", "mix")}
+        for stage, settings in config["stages"].items()
+    }
+    return json.dumps({"data": config["data"], "model": config["model"], "datasets": datasets}, sort_keys=True)
+
+
 def launch(stage_command):
     """The command line that starts `vlaflow <stage_command>` under the configured launcher."""
     launcher = config["launcher"]

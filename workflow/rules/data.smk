@@ -61,6 +61,6 @@ rule data_check:
     container:
         config["container"]
     params:
-        settings=lambda w: fingerprint("data", "model", "stages"),
+        settings=lambda w: data_fingerprint(),
     shell:
         "vlaflow data check --config {CONFIG_FILE} --model {input.model} > {output} 2> {log}"
