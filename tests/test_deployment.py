@@ -208,6 +208,12 @@ def test_env_file_is_conda_forge_python_and_pip_only(name):
     conda_packages = [entry for entry in env["dependencies"] if isinstance(entry, str)]
     # every Python package through pip, so that one resolver sees them all
     assert sorted(re.split(r"[=<>!]", spec)[0] for spec in conda_packages) == ["pip", "python"]
+    # Snakemake creates the environment from a copy in .snakemake/conda/, and conda runs pip from
+    # the copy's folder: a file or folder named in the pip list would be looked for there.
+    for line in _pip_list(env):
+        option = line.split()[0]
+        assert option not in {"-e", "--editable", "-r", "--requirement", "-c", "--constraint"}, line
+        assert not line.startswith((".", "/", "file:")), line
 
 
 def test_python_version_is_one_and_allowed_by_pyproject():

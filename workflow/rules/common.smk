@@ -1,5 +1,6 @@
 # Configuration checks and the helpers every phase uses.
 import json
+import os
 
 from snakemake.utils import validate
 
@@ -92,3 +93,41 @@ def launch_resources():
     if launcher["kind"] == "srun":
         return {"mpi": "srun", "nodes": launcher["nodes"], "tasks": launcher["nodes"]}
     return {}
+
+
+def train_inputs(stage):
+    inputs = {"check": rules.data_check.output, "data": embedded_data(stage)}
+    if stage == "vlm" or (stage == "stage1" and "vlm" not in STAGES):
+        inputs.update(init=rules.vla_config.output[0], mlp=rules.mlp_weights.output[0])
+    elif stage == "stage1":
+        inputs.update(
+            init=result("models/vlm"), mlp=result("vlm_mlp_weights.safetensors")
+        )
+    else:
+        inputs.update(init=result("models/stage1"))
+    return inputs
+
+
+def train_params(stage):
+    return {
+        "stage": stage,
+        "config": CONFIG_FILE,
+        "launch": launch("train"),
+        "workdir": result(f"work/{stage}"),
+        "mlp": (
+            f"--mlp-weights {train_inputs(stage)['mlp']}"
+            if "mlp" in train_inputs(stage)
+            else ""
+        ),
+        "settings": fingerprint("data", "model", "training", stage=stage),
+    }
+
+
+def report_runs(w):
+    runs = []
+    for stage in STAGES:
+        folders = [result(f"eval/{stage}/vqa")] + (
+            [result(f"eval/{stage}/robot")] if stage in ROBOT_STAGES else []
+        )
+        runs.append(f"--run {stage} {result(f'models/{stage}')} " + " ".join(folders))
+    return " ".join(runs)

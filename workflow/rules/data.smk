@@ -62,5 +62,6 @@ rule data_check:
         config["container"]
     params:
         settings=lambda w: data_fingerprint(),
+        config=CONFIG_FILE,
     shell:
-        "vlaflow data check --config {CONFIG_FILE} --model {input.model} > {output} 2> {log}"
+        "vlaflow data check --config {params.config} --model {input.model} > {output} 2> {log}"

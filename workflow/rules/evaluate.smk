@@ -23,6 +23,7 @@ rule eval_vqa:
     threads: 2
     params:
         benchmarks=" ".join(config["evaluation"]["vqa"]["benchmarks"]),
+        lmudata=lambda w, input: os.path.dirname(input.benchmarks[0]),
         options=lambda w: (
             f"--batch-size {config['evaluation']['vqa']['batch_size']} "
             f"--max-new-tokens {config['evaluation']['vqa']['max_new_tokens']}"
@@ -33,7 +34,7 @@ rule eval_vqa:
             )
         ),
     shell:
-        "vlaflow eval vqa --model {input.model} --benchmarks {params.benchmarks} --lmudata {LMUDATA} "
+        "vlaflow eval vqa --model {input.model} --benchmarks {params.benchmarks} --lmudata {params.lmudata} "
         "--out {output} {params.options} > {log} 2>&1"
 
 

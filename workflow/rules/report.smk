@@ -2,16 +2,6 @@
 # `snakemake --report` shows.
 
 
-def report_runs(w):
-    runs = []
-    for stage in STAGES:
-        folders = [result(f"eval/{stage}/vqa")] + (
-            [result(f"eval/{stage}/robot")] if stage in ROBOT_STAGES else []
-        )
-        runs.append(f"--run {stage} {result(f'models/{stage}')} " + " ".join(folders))
-    return " ".join(runs)
-
-
 rule report:
     input:
         models=expand(result("models/{stage}"), stage=STAGES),
@@ -27,5 +17,6 @@ rule report:
         config["container"]
     params:
         runs=report_runs,
+        title=f"vlaflow: {CONFIG_FILE}",
     shell:
-        "vlaflow report --out {output} --title 'vlaflow: {CONFIG_FILE}' {params.runs} > {log} 2>&1"
+        "vlaflow report --out {output} --title '{params.title}' {params.runs} > {log} 2>&1"

@@ -2,36 +2,9 @@
 # resumable checkpoints in results/work/<stage>, outside the declared output: a retried or rerun
 # job continues from its last checkpoint, and the model folder appears only when training ends.
 TRAIN = (
-    "{params.launch} --config {CONFIG_FILE} --stage {params.stage} --init {input.init} {params.mlp} "
+    "{params.launch} --config {params.config} --stage {params.stage} --init {input.init} {params.mlp} "
     "--workdir {params.workdir} --out {output} > {log} 2>&1"
 )
-
-
-def train_inputs(stage):
-    inputs = {"check": rules.data_check.output, "data": embedded_data(stage)}
-    if stage == "vlm" or (stage == "stage1" and "vlm" not in STAGES):
-        inputs.update(init=rules.vla_config.output[0], mlp=rules.mlp_weights.output[0])
-    elif stage == "stage1":
-        inputs.update(
-            init=result("models/vlm"), mlp=result("vlm_mlp_weights.safetensors")
-        )
-    else:
-        inputs.update(init=result("models/stage1"))
-    return inputs
-
-
-def train_params(stage):
-    return {
-        "stage": stage,
-        "launch": launch("train"),
-        "workdir": result(f"work/{stage}"),
-        "mlp": (
-            f"--mlp-weights {train_inputs(stage)['mlp']}"
-            if "mlp" in train_inputs(stage)
-            else ""
-        ),
-        "settings": fingerprint("data", "model", "training", stage=stage),
-    }
 
 
 if "vlm" in STAGES:
