@@ -21,5 +21,8 @@ $(INSTALLED): pyproject.toml $(CONSTRAINTS)
 run: $(INSTALLED)
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(OFFLINE) snakemake --cores 8 all
 
+# The workflow's quality gates first (format, lint), then the suite.
 test: $(INSTALLED)
+	$(VENV)/bin/snakefmt --check Snakefile workflow/rules
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(OFFLINE) snakemake --lint
 	$(OFFLINE) $(VENV)/bin/python -m pytest
