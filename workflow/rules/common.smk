@@ -65,7 +65,10 @@ def data_fingerprint():
         stage: {key: settings.get(key) for key in ("robot", "vl", "mix")}
         for stage, settings in config["stages"].items()
     }
-    return json.dumps({"data": config["data"], "model": config["model"], "datasets": datasets}, sort_keys=True)
+    return json.dumps(
+        {"data": config["data"], "model": config["model"], "datasets": datasets},
+        sort_keys=True,
+    )
 
 
 def launch(stage_command):
