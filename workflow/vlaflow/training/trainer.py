@@ -64,13 +64,13 @@ class VLATrainer(Trainer):
     def _global_scales(self, inputs: dict) -> tuple[float, float]:
         """Factors that turn this batch's normalised action and token losses into its share of
         losses normalised over the global batch (DDP and DeepSpeed average gradients over ranks)."""
+        world_size = self.args.world_size
+        if world_size == 1:
+            return 1.0, 1.0
         tokens = (inputs["labels"][:, 1:] != IGNORE_INDEX).sum()
         robot = inputs["expert_route"] == ROBOT_EXPERT
         action_values = (~inputs["is_pad"][robot]).sum() * inputs["actions"].shape[-1]
         local = torch.stack([action_values, tokens]).float()
-        world_size = self.args.world_size
-        if world_size == 1:
-            return 1.0, 1.0
         total = local.clone()
         dist.all_reduce(total)
         scales = torch.where(total > 0, local * world_size / total.clamp(min=1), torch.zeros_like(local))
