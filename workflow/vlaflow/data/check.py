@@ -156,7 +156,7 @@ def _describe_batch(config: dict, stage: str, model: Path | None, batch_size: in
     from vlaflow.data.collator import Collator
 
     processor = AutoProcessor.from_pretrained(model)
-    collator = Collator(processor, max_length=config["data"]["max_length"], **_robot_dims(config))
+    collator = Collator.from_config(processor, config)
     batch = collator(samples)
     for key, value in batch.items():
         lines.append(f"  {key}: {tuple(value.shape)} {str(value.dtype).removeprefix('torch.')}")
@@ -167,10 +167,6 @@ def _describe_batch(config: dict, stage: str, model: Path | None, batch_size: in
     answer = processor.tokenizer.decode(labels[labels >= 0])
     lines.append(f"  first sample ({samples[0].source}):\n    text: {text!r}\n    labels: {answer!r}")
     return "\n".join(lines)
-
-
-def _robot_dims(config: dict) -> dict:
-    return {key: config["model"][key] for key in ("action_dim", "state_dim", "chunk_size")}
 
 
 def check_data(

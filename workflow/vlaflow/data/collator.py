@@ -23,6 +23,8 @@ from vlaflow.models.qwen2_vla.modeling_qwen2_vla import IGNORE_INDEX, ROBOT_EXPE
 from vlaflow.models.qwen2_vla.processing_qwen2_vla import user_message
 
 logger = logging.getLogger(__name__)
+# The workflow config's `model` keys that fix the shape of a batch's robot targets.
+ROBOT_DIMENSIONS = ("action_dim", "state_dim", "chunk_size")
 
 
 def robot_answer(reasoning: str) -> str:
@@ -76,6 +78,12 @@ class Collator:
         self.merge_length = processor.image_processor.merge_size**2
         self.sources = sources
         self.skipped = 0
+
+    @classmethod
+    def from_config(cls, processor, config: dict, sources: bool = False) -> "Collator":
+        """The collator a workflow config asks for: its `data.max_length` and robot dimensions."""
+        dimensions = {key: config["model"][key] for key in ROBOT_DIMENSIONS}
+        return cls(processor, max_length=config["data"]["max_length"], sources=sources, **dimensions)
 
     def __call__(self, samples: list[RobotSample | VLSample]) -> dict[str, torch.Tensor]:
         kept, encoded = [], []

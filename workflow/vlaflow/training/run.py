@@ -25,7 +25,7 @@ from transformers import AutoProcessor, set_seed
 import vlaflow.models  # noqa: F401  (registers the model and processor classes)
 from vlaflow.backbone.mlp_weights import load_vla_with_moe_init
 from vlaflow.config import load_config
-from vlaflow.data.collator import Collator
+from vlaflow.data.collator import ROBOT_DIMENSIONS, Collator
 from vlaflow.data.stage_data import build_stage_data
 from vlaflow.data.stats import NormStats
 from vlaflow.errors import VlaflowError
@@ -74,7 +74,7 @@ def load_stage_model(stage: str, init: Path, mlp_weights: Path | None, settings:
 
 def _check_model_matches_config(model, config: dict, init: Path) -> None:
     head = model.config.policy_head_config
-    for key in ("action_dim", "state_dim", "chunk_size"):
+    for key in ROBOT_DIMENSIONS:
         if getattr(head, key) != config["model"][key]:
             raise VlaflowError(
                 f"{init}: the model's policy head has {key} {getattr(head, key)}, the config's model.{key} is "
@@ -148,12 +148,7 @@ def train(config_path: Path, stage: str, init: Path, workdir: Path, out: Path, m
         truncate_log(metrics, checkpoint_step(resume) if resume else 0)
     truncate_log(samples_log, checkpoint_step(resume) if resume else 0)
 
-    collator = Collator(
-        processor,
-        max_length=config["data"]["max_length"],
-        sources=True,
-        **{key: config["model"][key] for key in ("action_dim", "state_dim", "chunk_size")},
-    )
+    collator = Collator.from_config(processor, config, sources=True)
     stop = StopOnSignal()
     try:
         trainer = VLATrainer(
