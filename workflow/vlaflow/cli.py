@@ -111,25 +111,21 @@ def _eval_vqa(args) -> None:
 
 
 def _eval_robot(args) -> None:
+    """The evaluations print their own progress and summaries, with the files they wrote."""
     from vlaflow.evaluation.robot import evaluate_closed_loop, evaluate_open_loop
 
     if args.open_loop:
-        result = evaluate_open_loop(
+        evaluate_open_loop(
             args.model, args.out, split=args.split, datasets=args.datasets, batch_size=args.batch_size, limit=args.limit
         )
-        print(f"open loop on {result['samples']} {args.split} steps: MSE {result['mse']:.5f}, L1 {result['l1']:.5f}")
     if args.episodes:
-        result = evaluate_closed_loop(
+        evaluate_closed_loop(
             args.model,
             args.out,
             episodes=args.episodes,
             seed=args.seed,
             max_steps=args.max_steps,
             temporal_ensemble=args.temporal_ensemble,
-        )
-        print(
-            f"closed loop, {result['episodes']} episodes: success rate {result['success_rate']:.2f}, "
-            f"mean max reward {result['mean_max_reward']:.2f} of 4"
         )
 
 
