@@ -112,16 +112,13 @@ def train_inputs(stage):
 
 
 def train_params(stage):
+    mlp = train_inputs(stage).get("mlp")
     return {
         "stage": stage,
         "config": CONFIG_FILE,
         "launch": launch("train"),
         "workdir": result(f"work/{stage}"),
-        "mlp": (
-            f"--mlp-weights {train_inputs(stage)['mlp']}"
-            if "mlp" in train_inputs(stage)
-            else ""
-        ),
+        "mlp": f"--mlp-weights {mlp}" if mlp else "",
         "settings": fingerprint("data", "model", "training", stage=stage),
     }
 
