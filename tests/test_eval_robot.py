@@ -39,7 +39,7 @@ ALOHA = dict(action_dim=14, state_dim=14, chunk_size=10)
 def trained_model(tiny_backbone, mlp_weights, tmp_path_factory):
     root = tmp_path_factory.mktemp("eval_robot")
     data = root / "data"
-    record_demos(data / "cube", 2, height=DEMO_SIZE[0], width=DEMO_SIZE[1], workers=2)
+    record_demos(data / "cube", 2, height=DEMO_SIZE[0], width=DEMO_SIZE[1], shadows=False, workers=2)
     registry = {"cube": {"kind": "robot", "path": "cube", "cameras": ["top"], "splits": {"val": ["episode_0001.hdf5"]}}}
     (data / "datasets.yaml").write_text(yaml.safe_dump(registry))
     config_path = training_config(
@@ -88,7 +88,7 @@ def test_closed_loop_runs_seeded_episodes_and_records_the_first(trained_model, t
     assert result["max_rewards"] == [result["mean_max_reward"]]
     assert 1 <= result["steps"][0] <= 40
     # the demos' rendering, resized to the model's input as in training
-    assert (result["camera"], result["render_size"]) == ("top", list(DEMO_SIZE))
+    assert (result["camera"], result["render_size"], result["shadows"]) == ("top", list(DEMO_SIZE), False)
     assert result["instruction"] == TRANSFER_CUBE_INSTRUCTION
     assert result["first_rollout_reasoning"][0]["step"] == 0
     with Image.open(tmp_path / ROLLOUT_FILE) as gif:
@@ -119,7 +119,7 @@ def test_temporal_ensemble_weights_the_oldest_prediction_most():
 
 def test_simulation_follows_the_training_demos_or_falls_back_without_them(trained_model, tmp_path):
     policy = Policy(trained_model)
-    assert simulation_setup(policy).render_size == DEMO_SIZE
+    assert (simulation_setup(policy).render_size, simulation_setup(policy).shadows) == (DEMO_SIZE, False)
     assert simulation_setup(policy, (60, 80)).render_size == (60, 80)
 
     moved = tmp_path / "model"
@@ -129,6 +129,7 @@ def test_simulation_follows_the_training_demos_or_falls_back_without_them(traine
     (moved / CONFIG_FILE).write_text(yaml.safe_dump(config))
     setup = simulation_setup(Policy(moved))
     assert (setup.camera, setup.render_size, setup.instruction) == ("top", tuple(IMAGE_SIZE), TRANSFER_CUBE_INSTRUCTION)
+    assert setup.shadows  # as the stock simulator renders
 
 
 def test_a_model_without_normalisation_statistics_is_refused(vla_folder, tmp_path):

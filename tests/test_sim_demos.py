@@ -66,6 +66,7 @@ def test_record_demos_writes_successful_episodes(demos):
     summary = json.loads((out / SUMMARY_FILE).read_text())
     assert summary["episodes"] == [{"file": "episode_0000.hdf5", "seed": 0}, {"file": "episode_0001.hdf5", "seed": 1}]
     assert summary["failures"] == [] and (summary["height"], summary["width"], summary["camera"]) == (48, 64, "top")
+    assert summary["shadows"] is True
     with h5py.File(report.paths[0]) as file:
         assert file.attrs[episode_format.SIM_ATTRIBUTE]
         assert file[episode_format.ACTION].shape == (EPISODE_LENGTH, 14)
@@ -87,9 +88,22 @@ def test_recorded_actions_succeed_again_in_a_fresh_simulator(demos):
         actions = file[episode_format.ACTION][()]
         qpos = file[episode_format.QPOS][()]
     sim = TransferCubeSim(HEIGHT, WIDTH)
-    observation = sim.reset(seed=1)
-    np.testing.assert_allclose(observation.qpos, qpos[0], atol=1e-6)
+    state = sim.reset(seed=1)
+    np.testing.assert_allclose(state.qpos, qpos[0], atol=1e-6)
     assert max(sim.step(action)[1] for action in actions) == MAX_REWARD
+
+
+@pytest.mark.slow
+def test_frames_are_rendered_on_demand_with_or_without_shadows():
+    shaded, flat = TransferCubeSim(HEIGHT, WIDTH), TransferCubeSim(HEIGHT, WIDTH, shadows=False)
+    for sim in (shaded, flat):
+        sim.reset(seed=0)
+    first = shaded.render()
+    assert first.shape == (HEIGHT, WIDTH, 3) and first.dtype == np.uint8
+    np.testing.assert_array_equal(shaded.render(), first)  # rendering leaves the state alone
+    without = flat.render()
+    assert without.sum() > first.sum()  # shadows darken the table
+    assert np.abs(without.astype(int) - first).mean() < 5  # the same scene
 
 
 @pytest.mark.slow

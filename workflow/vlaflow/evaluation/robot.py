@@ -145,14 +145,16 @@ class TemporalEnsemble:
 class SimulationSetup:
     camera: str
     render_size: tuple[int, int]  # (height, width)
+    shadows: bool
     instruction: str
 
 
 def simulation_setup(policy: Policy, render_size: tuple[int, int] | None = None) -> SimulationSetup:
-    """The camera, rendering size and instruction of the demonstrations the model learnt from:
-    the camera its training dataset maps to the model's input, the size its recorder rendered at
-    (`demos.json`; else the model's image size), the instruction of its first episode. Without
-    that dataset at hand: the config's camera and the transfer-cube instruction."""
+    """The camera, rendering and instruction of the demonstrations the model learnt from: the
+    camera its training dataset maps to the model's input, the size and shadows its recorder
+    rendered with (`demos.json`; else the model's image size, with shadows as the stock
+    simulator), the instruction of its first episode. Without that dataset at hand: the config's
+    camera and the transfer-cube instruction."""
     cameras = policy.config["data"]["cameras"]
     if len(cameras) != 1:
         raise VlaflowError(f"the simulator renders one camera; the model takes {len(cameras)} (data.cameras)")
@@ -162,12 +164,13 @@ def simulation_setup(policy: Policy, render_size: tuple[int, int] | None = None)
         instruction = inspect_episode(entry.episodes()[0], spec).instruction
     except VlaflowError as error:
         print(f"closed loop: the training data is not at hand ({error}); using the transfer-cube instruction")
-        return SimulationSetup(cameras[0], tuple(render_size or policy.image_size), TRANSFER_CUBE_INSTRUCTION)
+        return SimulationSetup(cameras[0], tuple(render_size or policy.image_size), True, TRANSFER_CUBE_INSTRUCTION)
     summary = entry.path / SUMMARY_FILE
-    if render_size is None and summary.is_file():
-        recorded = json.loads(summary.read_text())
+    recorded = json.loads(summary.read_text()) if summary.is_file() else {}
+    if render_size is None and recorded:
         render_size = (recorded["height"], recorded["width"])
-    return SimulationSetup(spec.cameras[0], tuple(render_size or policy.image_size), instruction)
+    shadows = recorded.get("shadows", True)
+    return SimulationSetup(spec.cameras[0], tuple(render_size or policy.image_size), shadows, instruction)
 
 
 @dataclass
@@ -194,15 +197,19 @@ def run_episode(
     whenever its last chunk is used up, or at every step with temporal ensembling."""
     policy.reseed(seed)  # an episode's actions do not depend on the episodes before it
     started = time.perf_counter()
-    observation = sim.reset(seed)
+    joints = sim.reset(seed)
     pending: deque[np.ndarray] = deque()
     ensemble = TemporalEnsemble() if temporal_ensemble else None
     frames, reasoning, max_reward = [], [], 0
     for step in range(max_steps):
-        if keep_frames and step % GIF_FRAME_STRIDE == 0:
-            frames.append(observation.image)
-        if ensemble is not None or not pending:
-            images, state = policy.observe([observation.image], observation.qpos)
+        keep_frame = keep_frames and step % GIF_FRAME_STRIDE == 0
+        query = ensemble is not None or not pending
+        # Rendering is most of a step's cost on a CPU: only the frames someone looks at.
+        frame = sim.render() if keep_frame or query else None
+        if keep_frame:
+            frames.append(frame)
+        if query:
+            images, state = policy.observe([frame], joints.qpos)
             output = policy.predict([images], state[None], [setup.instruction])
             if not reasoning or reasoning[-1]["text"] != output.reasoning[0]:
                 reasoning.append({"step": step, "text": output.reasoning[0]})
@@ -210,7 +217,7 @@ def run_episode(
                 ensemble.add(step, output.actions[0])
             else:
                 pending.extend(output.actions[0])
-        observation, reward = sim.step(ensemble.action(step) if ensemble is not None else pending.popleft())
+        joints, reward = sim.step(ensemble.action(step) if ensemble is not None else pending.popleft())
         max_reward = max(max_reward, reward)
         if max_reward == MAX_REWARD:
             break
@@ -254,7 +261,7 @@ def evaluate_closed_loop(
             f"the transfer-cube simulator needs {ALOHA_DIM}/{ALOHA_DIM}"
         )
     setup = simulation_setup(policy, render_size)
-    sim = TransferCubeSim(*setup.render_size, camera=setup.camera)
+    sim = TransferCubeSim(*setup.render_size, camera=setup.camera, shadows=setup.shadows)
     rollouts = []
     for number in range(episodes):
         rollout = run_episode(
@@ -285,6 +292,7 @@ def evaluate_closed_loop(
         "seconds": [round(rollout.seconds, 3) for rollout in rollouts],
         "camera": setup.camera,
         "render_size": list(setup.render_size),
+        "shadows": setup.shadows,
         "instruction": setup.instruction,
         "first_rollout_reasoning": rollouts[0].reasoning,
     }

@@ -1,5 +1,6 @@
-"""ALOHA's transfer-cube scene in two forms: joint-position control that renders one camera (what a
-policy sees and drives), and end-effector (mocap) control without cameras (what the scripted plan drives)."""
+"""ALOHA's transfer-cube scene in two forms: joint-position control that renders one camera on demand
+(what a policy sees and drives), and end-effector (mocap) control without cameras (what the scripted
+plan drives)."""
 
 import os
 
@@ -9,6 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from dm_control import mujoco
+from dm_control.mujoco.wrapper.mjbindings import enums
 from dm_control.rl import control
 from dm_control.suite import base
 from gym_aloha.constants import ASSETS_DIR, DT
@@ -28,23 +30,17 @@ SHADOW_MAP_SIZE = 2048
 
 
 @dataclass(frozen=True)
-class Observation:
+class JointState:
     qpos: np.ndarray  # (14,) joint positions, grippers normalised to 0 (closed) .. 1 (open)
     qvel: np.ndarray  # (14,)
-    image: np.ndarray  # (H, W, 3) uint8 from the simulator's camera
 
 
-class _OneCameraTask(joint_tasks.TransferCubeTask):
-    def __init__(self, height: int, width: int, camera: str):
-        super().__init__()
-        self.height, self.width, self.camera = height, width, camera
+class _UnrenderedJointTask(joint_tasks.TransferCubeTask):
+    """The stock task renders every camera at 480x640 on every step; frames are rendered only
+    when asked for (TransferCubeSim.render)."""
 
     def get_observation(self, physics):
-        return Observation(
-            qpos=self.get_qpos(physics),
-            qvel=self.get_qvel(physics),
-            image=physics.render(height=self.height, width=self.width, camera_id=self.camera),
-        )
+        return JointState(qpos=self.get_qpos(physics), qvel=self.get_qvel(physics))
 
 
 class _CameralessEndEffectorTask(TransferCubeEndEffectorTask):
@@ -70,21 +66,36 @@ def _environment(xml: str, task: base.Task) -> control.Environment:
     return control.Environment(physics, task, time_limit=float("inf"), control_timestep=DT, flat_observation=False)
 
 
+def _without_shadows(physics, scene) -> None:
+    scene.flags[enums.mjtRndFlag.mjRND_SHADOW] = 0
+
+
 class TransferCubeSim:
     """Joint-position control: actions are 14 absolute joint targets with normalised grippers;
-    the reward runs 0..4, and 4 (MAX_REWARD) is success."""
+    the reward runs 0..4, and 4 (MAX_REWARD) is success. `render` gives the camera's frame of the
+    current state; without `shadows` a frame costs about a third as much in software rendering."""
 
-    def __init__(self, height: int = 240, width: int = 320, camera: str = "top"):
-        self._env = _environment("bimanual_viperx_transfer_cube.xml", _OneCameraTask(height, width, camera))
+    def __init__(self, height: int = 240, width: int = 320, camera: str = "top", shadows: bool = True):
+        self._env = _environment("bimanual_viperx_transfer_cube.xml", _UnrenderedJointTask())
         self._env.physics.model.vis.quality.shadowsize = SHADOW_MAP_SIZE  # read when the first frame is rendered
+        self.height, self.width, self.camera, self.shadows = height, width, camera, shadows
 
-    def reset(self, seed: int) -> Observation:
+    def reset(self, seed: int) -> JointState:
         joint_tasks.BOX_POSE[0] = sample_box_pose(seed)  # the stock task reads its box pose from here
         return self._env.reset().observation
 
-    def step(self, action: np.ndarray) -> tuple[Observation, int]:
+    def step(self, action: np.ndarray) -> tuple[JointState, int]:
         step = self._env.step(np.asarray(action, dtype=np.float64))
         return step.observation, int(step.reward)
+
+    def render(self) -> np.ndarray:
+        """(height, width, 3) uint8."""
+        return self._env.physics.render(
+            height=self.height,
+            width=self.width,
+            camera_id=self.camera,
+            scene_callback=None if self.shadows else _without_shadows,
+        )
 
 
 class EndEffectorTransferCubeSim:

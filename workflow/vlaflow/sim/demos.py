@@ -4,7 +4,6 @@ while rendering the camera."""
 
 import json
 import multiprocessing
-import os
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +11,7 @@ from pathlib import Path
 import numpy as np
 from gym_aloha.constants import normalize_puppet_gripper_position
 
+from vlaflow.cpus import available_cpus
 from vlaflow.data.episode_format import write_episode
 from vlaflow.data.language import TRANSFER_CUBE_INSTRUCTION, TRANSFER_CUBE_REASONING
 from vlaflow.errors import VlaflowError
@@ -49,18 +49,20 @@ def scripted_joint_trajectory(seed: int) -> np.ndarray:
     return np.stack(trajectory)
 
 
-def record_episode(seed: int, path: Path, *, height: int, width: int, camera: str, compress: bool) -> int:
+def record_episode(
+    seed: int, path: Path, *, height: int, width: int, camera: str, shadows: bool, compress: bool
+) -> int:
     """Replay the scripted trajectory for `seed` under joint control; write the episode to `path` if it
     succeeds. Returns the replay's maximum reward."""
     actions = scripted_joint_trajectory(seed)
-    sim = TransferCubeSim(height, width, camera)
-    observation = sim.reset(seed)
+    sim = TransferCubeSim(height, width, camera, shadows)
+    state = sim.reset(seed)
     qpos, qvel, frames, max_reward = [], [], [], 0
     for action in actions:
-        qpos.append(observation.qpos)
-        qvel.append(observation.qvel)
-        frames.append(observation.image)
-        observation, reward = sim.step(action)
+        qpos.append(state.qpos)
+        qvel.append(state.qvel)
+        frames.append(sim.render())
+        state, reward = sim.step(action)
         max_reward = max(max_reward, reward)
     if max_reward == MAX_REWARD:
         write_episode(
@@ -114,11 +116,13 @@ def record_demos(
     height: int = 240,
     width: int = 320,
     camera: str = "top",
+    shadows: bool = True,
     workers: int | None = None,
     compress: bool = False,
 ) -> DemoReport:
     """Write `episodes` successful demonstrations to `out_dir` as episode_0000.hdf5, ..., trying seeds
-    `seed`, `seed + 1`, ... in parallel. The folder appears only once complete."""
+    `seed`, `seed + 1`, ... in `workers` processes (at most one per available CPU). The folder
+    appears only once complete; its demos.json records how the frames were rendered."""
     if episodes < 1:
         raise VlaflowError(f"episodes must be at least 1, not {episodes}")
     max_attempts = 2 * episodes + 5
@@ -129,10 +133,11 @@ def record_demos(
             episodes,
             seed,
             max_attempts,
-            workers or os.cpu_count() or 1,
+            min(workers or available_cpus(), available_cpus()),
             height=height,
             width=width,
             camera=camera,
+            shadows=shadows,
             compress=compress,
         )
         successful = sorted(s for s, reward in rewards.items() if reward == MAX_REWARD)
@@ -151,6 +156,7 @@ def record_demos(
             "camera": camera,
             "height": height,
             "width": width,
+            "shadows": shadows,
         }
         (staging / SUMMARY_FILE).write_text(json.dumps(summary_fields, indent=2))
     return DemoReport([out_dir / name for name in names], len(successful), len(failed), failed)
