@@ -79,6 +79,14 @@ def test_shipped_default_is_valid_and_lists_the_embedded_datasets():
     assert yaml.safe_load(SHIPPED.read_text())["stages"]["stage1"] == {"robot": ["aloha_sim_transfer_cube"]}
 
 
+def test_published_recipe_is_valid_and_names_the_gpu_environment():
+    config = load_config(SHIPPED.with_name("chatvla_2b.yaml"))
+    assert config["model"]["backbone"].startswith("hf:Qwen/Qwen2-VL-2B-Instruct@")
+    assert (SHIPPED.parents[1] / config["conda_env"]).is_file() and "gpu" in config["conda_env"]
+    assert config["launcher"]["kind"] == "deepspeed" and config["training"]["deepspeed"]
+    assert config["embedded"] == {}  # nothing built locally: the data is the user's
+
+
 def test_config_readme_documents_every_key_of_the_schema():
     documented = (Path(__file__).parents[1] / "config" / "README.md").read_text()
     schema = load_schema()
@@ -88,7 +96,8 @@ def test_config_readme_documents_every_key_of_the_schema():
     keys |= set(schema["$defs"]["training"]["properties"])
     keys |= set(schema["$defs"]["stage"]["properties"])
     keys |= set(schema["$defs"]["stage"]["properties"]["mix"]["properties"])
-    keys |= {"results", "container", *schema["properties"]["launcher"]["properties"]}
+    keys |= {key for key, value in schema["properties"].items() if "properties" not in value}  # results, ...
+    keys |= set(schema["properties"]["launcher"]["properties"])
     for name in ("aloha_demos", "easy_vqa"):
         keys |= {f"{name}.{key}" for key in schema["properties"]["embedded"]["properties"][name]["properties"]}
     for name in ("vqa", "robot"):

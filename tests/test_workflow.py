@@ -99,3 +99,61 @@ def test_killing_snakemake_during_stage1_then_rerunning_resumes_training(tmp_pat
     log = (tmp_path / "results" / "logs" / "stage1.log").read_text()
     assert "resuming from" in log and "(step 0)" not in log
     assert (tmp_path / "results" / "models" / "stage1" / "model.safetensors").exists()
+
+
+def test_the_launcher_starts_training_under_torchrun(tmp_path):
+    tiny_workflow(tmp_path, launcher__kind="torchrun", launcher__processes_per_node=2, launcher__port=29531)
+    result = snakemake(tmp_path, "--cores", "2", "stage1")
+    assert result.returncode == 0, result.stderr[-4000:]
+    for stage in ("vlm", "stage1"):
+        work = tmp_path / "results" / "work" / stage
+        assert sorted(path.name for path in work.glob("samples-rank*.jsonl")) == [
+            "samples-rank0.jsonl", "samples-rank1.jsonl",
+        ]  # fmt: skip
+        assert (tmp_path / "results" / "models" / stage / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize(
+    ("launcher", "command", "resources"),
+    [
+        (
+            {"kind": "deepspeed", "processes_per_node": 8},
+            "deepspeed --num_gpus 8 --master_port 29500 --module vlaflow.cli train",
+            "",
+        ),
+        (
+            {"kind": "srun", "nodes": 2, "processes_per_node": 4, "port": 29600},
+            "srun --nodes 2 --ntasks-per-node 1 torchrun --nnodes 2 --nproc-per-node 4 --rdzv-backend c10d "
+            "--rdzv-endpoint $(hostname):29600 -m vlaflow.cli train",
+            "mpi=srun, nodes=2, tasks=2",
+        ),
+    ],
+)
+def test_the_launcher_shapes_the_training_command_and_its_resources(tmp_path, launcher, command, resources):
+    tiny_workflow(tmp_path, **{f"launcher__{key}": value for key, value in launcher.items()})
+    plan = snakemake(tmp_path, "-n", "--printshellcmds", "stage1")
+    assert plan.returncode == 0, plan.stderr[-3000:]
+    for stage in ("vlm", "stage1"):
+        job = plan.stdout[plan.stdout.index(f"rule {stage}:") :]
+        job = job[: job.index("\n\n", job.index(" --stage "))]
+        assert f"{command} --config " in job and f" --stage {stage} " in job, job
+        assert resources in job, job
+
+
+def test_a_configfile_stands_alone_and_config_overrides_reach_the_commands(tmp_path):
+    settings = yaml.safe_load(tiny_workflow(tmp_path).read_text())
+    (tmp_path / "config").mkdir()  # the Snakefile's default, which has a vlm stage
+    (tmp_path / "config" / "config.yaml").write_text(yaml.safe_dump(settings))
+    del settings["stages"]["vlm"]
+    own = tmp_path / "own.yaml"
+    own.write_text(yaml.safe_dump(settings))
+
+    elsewhere = tmp_path / "elsewhere"
+    plan = snakemake(tmp_path, "-n", "--printshellcmds", "all", "--config", f"results={elsewhere}", config=own)
+    assert plan.returncode == 0, plan.stderr[-3000:]
+    assert "vlm" not in planned_jobs(plan) and "stage1" in planned_jobs(plan)
+    resolved = yaml.safe_load((elsewhere / "config.yaml").read_text())
+    assert resolved["results"] == str(elsewhere) and set(resolved["stages"]) == {"stage1", "stage2"}
+    assert resolved["training"] == {**settings["training"], **resolved["training"]}  # the file's, defaults added
+    assert f"train --config {elsewhere / 'config.yaml'} --stage stage1 " in plan.stdout
+    assert not (tmp_path / "results").exists()

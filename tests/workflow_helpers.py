@@ -1,5 +1,6 @@
-"""Real Snakemake runs of the workflow on a tiny configuration: HDF5 episodes and LLaVA
-conversations from the data factory, an EasyVQA TSV, steps counted in single digits."""
+"""Real Snakemake runs of the workflow on tiny configurations: HDF5 episodes and LLaVA
+conversations from the data factory, an EasyVQA TSV, steps counted in single digits; or the
+embedded default itself (simulator demos, easy-vqa) scaled down."""
 
 import os
 import subprocess
@@ -48,16 +49,36 @@ def tiny_workflow(root: Path, **overrides) -> Path:
     return path
 
 
-def _command(root: Path, arguments, config: Path | None) -> tuple[list[str], dict]:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+def embedded_workflow(root: Path) -> Path:
+    """The embedded default (config/config.yaml: the workflow builds its demos and easy-vqa data)
+    with its paths under `root` and its sizes cut to seconds: 3 demos (the registry's val split
+    holds 2), a few training steps, one short simulator episode. Returns the config."""
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    config["results"] = str(root / "results")
+    config["data"].update(root=str(root / "resources" / "data"), registry=str(REPO / "config" / "datasets.yaml"))
+    config["embedded"]["aloha_demos"].update(episodes=3, height=48, width=64)
+    config["embedded"]["easy_vqa"].update(train_images=16, benchmark_questions=8)
+    config["evaluation"]["vqa"]["lmudata"] = str(root / "resources" / "LMUData")
+    config["evaluation"]["robot"].update(limit=8, episodes=1, max_steps=16)
+    config["training"].update(max_steps=2, per_device_batch_size=2, save_steps=2, num_workers=0)
+    path = root / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _command(root: Path, arguments, config: Path | None, base_env: dict | None = None) -> tuple[list[str], dict]:
+    env = {**(base_env or os.environ), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"  # the `vlaflow` command
     command = SNAKEMAKE + ["--directory", str(root), "--configfile", str(config or root / "config.yaml")]
     return command + list(arguments), env
 
 
-def snakemake(root: Path, *arguments: str, config: Path | None = None) -> subprocess.CompletedProcess:
-    command, env = _command(root, arguments, config)
-    return subprocess.run(command, env=env, capture_output=True, text=True)
+def snakemake(
+    root: Path, *arguments: str, config: Path | None = None, env: dict | None = None
+) -> subprocess.CompletedProcess:
+    """`snakemake` in `root` with its config; `env` is the base environment (default: this process's)."""
+    command, run_env = _command(root, arguments, config, env)
+    return subprocess.run(command, env=run_env, capture_output=True, text=True)
 
 
 def start_snakemake(root: Path, *arguments: str) -> subprocess.Popen:

@@ -4,18 +4,27 @@ import os
 
 from snakemake.utils import validate
 
-from vlaflow.config import check_rules
+from vlaflow.config import check_rules, write_config
 
 # Defaults are filled in here, and a wrong type or unknown key stops the workflow before any job.
+CONFIG_SOURCE = workflow.configfiles[-1]
 validate(config, "../schemas/config.schema.yaml")
-check_rules(config, "the workflow config")
+check_rules(config, CONFIG_SOURCE)
 
-CONFIG_FILE = workflow.configfiles[-1] if workflow.configfiles else "config/config.yaml"
 RESULTS = config["results"]
+# The vlaflow commands read the config as Snakemake resolved it (the config file, any --config
+# overrides, the defaults), which the rules' settings fingerprints describe.
+CONFIG_FILE = f"{RESULTS}/config.yaml"
+write_config(config, CONFIG_FILE)
 DATA_ROOT = config["data"]["root"]
 STAGES = [stage for stage in ("vlm", "stage1", "stage2") if stage in config["stages"]]
 ROBOT_STAGES = [stage for stage in STAGES if config["stages"][stage].get("robot")]
-ENV = "../../envs/vlaflow.yaml"
+ENV = os.path.join(workflow.basedir, config["conda_env"])
+# Training, evaluation and the simulator demos ask for 8 threads: under the README's `--cores 8`
+# they run one at a time, each on every CPU it may use (vlaflow caps its threads and processes at
+# those), rather than several at once oversubscribing a laptop's cores, which makes PyTorch's
+# OpenMP threads spin against each other and every job several times slower.
+HEAVY_THREADS = 8
 # Logs, benchmarks and the resumable work folders sit beside the declared outputs, never inside:
 # Snakemake deletes the outputs of a failed job, and training must be able to resume.
 LOGS = f"{RESULTS}/logs"

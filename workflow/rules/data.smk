@@ -38,11 +38,16 @@ if embedded("aloha_demos"):
             ENV
         container:
             config["container"]
-        threads: 8
+        threads: HEAVY_THREADS
         params:
             options=lambda w: (
                 f"--episodes {embedded('aloha_demos')['episodes']} --height {embedded('aloha_demos')['height']} "
-                f"--width {embedded('aloha_demos')['width']} --seed {embedded('aloha_demos')['seed']}"
+                f"--width {embedded('aloha_demos')['width']} --seed {embedded('aloha_demos')['seed']} "
+                + (
+                    "--shadows"
+                    if embedded("aloha_demos")["shadows"]
+                    else "--no-shadows"
+                )
             ),
         shell:
             "vlaflow data aloha-demos {output} {params.options} --workers {threads} > {log} 2>&1"

@@ -20,7 +20,7 @@ rule eval_vqa:
         ENV
     container:
         config["container"]
-    threads: 2
+    threads: HEAVY_THREADS
     params:
         benchmarks=" ".join(config["evaluation"]["vqa"]["benchmarks"]),
         lmudata=lambda w, input: os.path.dirname(input.benchmarks[0]),
@@ -52,7 +52,7 @@ rule eval_robot:
         ENV
     container:
         config["container"]
-    threads: 2
+    threads: HEAVY_THREADS
     params:
         options=lambda w: " ".join(
             [

@@ -17,6 +17,6 @@ rule report:
         config["container"]
     params:
         runs=report_runs,
-        title=f"vlaflow: {CONFIG_FILE}",
+        title=f"vlaflow: {CONFIG_SOURCE}",
     shell:
         "vlaflow report --out {output} --title '{params.title}' {params.runs} > {log} 2>&1"

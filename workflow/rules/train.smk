@@ -23,7 +23,7 @@ if "vlm" in STAGES:
             ENV
         container:
             config["container"]
-        threads: 2
+        threads: HEAVY_THREADS
         resources:
             **launch_resources(),
         params:
@@ -60,7 +60,7 @@ rule stage1:
         ENV
     container:
         config["container"]
-    threads: 2
+    threads: HEAVY_THREADS
     resources:
         **launch_resources(),
     params:
@@ -83,7 +83,7 @@ rule stage2:
         ENV
     container:
         config["container"]
-    threads: 2
+    threads: HEAVY_THREADS
     resources:
         **launch_resources(),
     params:

@@ -5,6 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from vlaflow.cpus import limit_torch_threads
 from vlaflow.errors import VlaflowError
 from vlaflow.models.scale_dp.configuration_scale_dp import SCALE_DP_SIZES
 
@@ -82,6 +83,7 @@ def _data_aloha_demos(args) -> None:
         height=args.height,
         width=args.width,
         camera=args.camera,
+        shadows=args.shadows,
         workers=args.workers,
         compress=args.compress,
     )
@@ -181,7 +183,15 @@ def _add_data_commands(commands) -> None:
     demos.add_argument("--height", type=int, default=240)
     demos.add_argument("--width", type=int, default=320)
     demos.add_argument("--camera", default="top")
-    demos.add_argument("--workers", type=int, help="parallel simulator processes (default: one per core)")
+    demos.add_argument(
+        "--shadows",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="render shadows (about two thirds of a frame's cost in software rendering)",
+    )
+    demos.add_argument(
+        "--workers", type=int, help="parallel simulator processes (at most, and by default, one per CPU)"
+    )
     demos.add_argument("--compress", action="store_true", help="store frames as JPEG")
     demos.add_argument("--seed", type=int, default=0, help="first seed; episode i uses the i-th seed tried")
     demos.set_defaults(run=_data_aloha_demos)
@@ -278,6 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    limit_torch_threads()
     try:
         args.run(args)
     except VlaflowError as error:

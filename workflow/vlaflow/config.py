@@ -1,6 +1,7 @@
 """The workflow configuration: one YAML file, validated against `schemas/config.schema.yaml`
 (the same schema Snakemake's `validate()` uses), with the schema's defaults filled in."""
 
+import os
 from importlib import resources
 from pathlib import Path
 
@@ -69,6 +70,19 @@ def check_rules(config: dict, source: str = "config") -> None:
             raise ConfigError(f"{source}: stages.{stage}.mix: set vl_ratio or vl_batch_fraction, not both")
         if "vl_ratio" in mix and mix["vl_ratio"] < 0 and mix["vl_ratio"] != -1:
             raise ConfigError(f"{source}: stages.{stage}.mix.vl_ratio: must be -1 (all VL data) or >= 0")
+
+
+def write_config(config: dict, path: Path) -> None:
+    """Write `config` to `path` as YAML unless the file holds it already. The file is replaced
+    in one step: running jobs may be reading it."""
+    text = yaml.safe_dump(config, sort_keys=False)
+    path = Path(path)
+    if path.is_file() and path.read_text() == text:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staged = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    staged.write_text(text)
+    os.replace(staged, path)
 
 
 def load_config(path: Path) -> dict:
