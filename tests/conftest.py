@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.slurm_cluster import SlurmUnavailable, alive, slurm_cluster
 from vlaflow.backbone.download import BUILTIN_TINY, download
 from vlaflow.backbone.mlp_weights import load_vla_with_moe_init, save_mlp_weights
 from vlaflow.backbone.vla_config import make_vla_folder
@@ -93,3 +94,22 @@ def collator(processor) -> Collator:
 @pytest.fixture
 def mixed_batch(collator) -> dict:
     return collator(mixed_samples())
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """A one-node SLURM cluster (two fake GPUs) for the module; its exit must leave no process of
+    it behind. Skips where SLURM cannot be installed (not root, no apt)."""
+    try:
+        context = slurm_cluster(tmp_path_factory.mktemp("slurm"), gpus=2)
+        running = context.__enter__()
+    except SlurmUnavailable as reason:
+        pytest.skip(f"no SLURM cluster here: {reason}")
+    pids = running.pids
+    try:
+        yield running
+    finally:
+        context.__exit__(None, None, None)
+    assert {"slurmctld", "slurmd"} <= set(pids)
+    assert [name for name, pid in pids.items() if alive(pid)] == []
+    assert running.processes_left() == []

@@ -535,6 +535,15 @@ class SlurmCluster:
         return sorted(set(alive) | set(_processes_in_sessions(self._sessions)) | set(_processes_using_conf(self.conf)))
 
 
+def alive(pid: int) -> bool:
+    """Whether process `pid` exists and is not a zombie."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return not state[state.rfind(")") + 2 :].startswith("Z")
+
+
 def _processes_in_sessions(sessions: set[int]) -> list[int]:
     if not sessions:
         return []

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.slurm_cluster import TEST_PROFILE as PROFILE
-from tests.slurm_cluster import SlurmUnavailable, slurm_cluster
+from tests.slurm_cluster import alive, slurm_cluster
 
 SNAKEMAKE = Path(sys.executable).with_name("snakemake")
 
@@ -52,24 +52,6 @@ SNAKEFILE = textwrap.dedent(
             "cat {input} > {output}"
     """
 )
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    """A one-node cluster for the module; its exit must leave no process of it behind."""
-    try:
-        context = slurm_cluster(tmp_path_factory.mktemp("slurm"), gpus=2)
-        running = context.__enter__()
-    except SlurmUnavailable as reason:
-        pytest.skip(f"no SLURM cluster here: {reason}")
-    pids = running.pids
-    try:
-        yield running
-    finally:
-        context.__exit__(None, None, None)
-    assert {"slurmctld", "slurmd"} <= set(pids)
-    assert [name for name, pid in pids.items() if _alive(pid)] == []
-    assert running.processes_left() == []
 
 
 def test_tiny_workflow_runs_through_sbatch(cluster, tmp_path):
@@ -147,15 +129,7 @@ def test_exit_with_a_running_job_leaves_nothing_behind(cluster, tmp_path):
         pids = small.pids
         assert {"slurmctld", "slurmd"} <= set(pids)
         assert len(small.processes_left()) > len(pids) + 2, small.logs()  # slurmstepd, the job's processes
-    assert [name for name, pid in pids.items() if _alive(pid)] == []
+    assert [name for name, pid in pids.items() if alive(pid)] == []
     assert small.processes_left() == []
     # the module's cluster is untouched
     assert cluster.sinfo_state() == "idle"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return not state[state.rfind(")") + 2 :].startswith("Z")
