@@ -119,13 +119,13 @@ def test_the_launcher_starts_training_under_torchrun(tmp_path):
         (
             {"kind": "deepspeed", "processes_per_node": 8},
             "deepspeed --num_gpus 8 --master_port 29500 --module vlaflow.cli train",
-            "",
+            "gpu=8",
         ),
         (
             {"kind": "srun", "nodes": 2, "processes_per_node": 4, "port": 29600},
             "srun --nodes 2 --ntasks-per-node 1 torchrun --nnodes 2 --nproc-per-node 4 --rdzv-backend c10d "
             "--rdzv-endpoint $(hostname):29600 -m vlaflow.cli train",
-            "mpi=srun, nodes=2, tasks=2",
+            "mpi=srun, nodes=2, tasks=2, gres=gpu:4",
         ),
     ],
 )

@@ -100,11 +100,20 @@ def launch(stage_command):
 
 
 def launch_resources():
-    """Extra resources of a launched job: several nodes need the SLURM executor's `mpi`."""
+    """A training job's resources that follow from its launcher: a GPU per process (on several
+    nodes, per node through `gres`, and the SLURM executor's `mpi`). Locally, without
+    `--resources gpu=N`, Snakemake does not count GPUs; on SLURM they become --gpus / --gres.
+    """
     launcher = config["launcher"]
+    per_node, nodes = launcher["processes_per_node"], launcher["nodes"]
     if launcher["kind"] == "srun":
-        return {"mpi": "srun", "nodes": launcher["nodes"], "tasks": launcher["nodes"]}
-    return {}
+        return {
+            "mpi": "srun",
+            "nodes": nodes,
+            "tasks": nodes,
+            "gres": f"gpu:{per_node}",
+        }
+    return {"gpu": per_node}
 
 
 def train_inputs(stage):

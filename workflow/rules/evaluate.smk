@@ -21,6 +21,8 @@ rule eval_vqa:
     container:
         config["container"]
     threads: HEAVY_THREADS
+    resources:
+        gpu=1,
     params:
         benchmarks=" ".join(config["evaluation"]["vqa"]["benchmarks"]),
         lmudata=lambda w, input: os.path.dirname(input.benchmarks[0]),
@@ -53,6 +55,8 @@ rule eval_robot:
     container:
         config["container"]
     threads: HEAVY_THREADS
+    resources:
+        gpu=1,
     params:
         options=lambda w: " ".join(
             [
