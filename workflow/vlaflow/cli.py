@@ -187,7 +187,7 @@ def _add_data_commands(commands) -> None:
         "--shadows",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="render shadows (about two thirds of a frame's cost in software rendering)",
+        help="render shadows (more than half of a frame's cost in software rendering)",
     )
     demos.add_argument(
         "--workers", type=int, help="parallel simulator processes (at most, and by default, one per CPU)"
