@@ -73,7 +73,7 @@ def _without_shadows(physics, scene) -> None:
 class TransferCubeSim:
     """Joint-position control: actions are 14 absolute joint targets with normalised grippers;
     the reward runs 0..4, and 4 (MAX_REWARD) is success. `render` gives the camera's frame of the
-    current state; without `shadows` a frame costs about a third as much in software rendering."""
+    current state; without `shadows` a frame costs less than half as much in software rendering."""
 
     def __init__(self, height: int = 240, width: int = 320, camera: str = "top", shadows: bool = True):
         self._env = _environment("bimanual_viperx_transfer_cube.xml", _UnrenderedJointTask())
