@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from vlaflow.config import ConfigError, load_config, validate_config
+from vlaflow.config import ConfigError, load_config, validate_config, write_config
 from vlaflow.config import schema as load_schema
 
 SHIPPED = Path(__file__).parents[1] / "config" / "config.yaml"
@@ -104,3 +104,15 @@ def test_config_readme_documents_every_key_of_the_schema():
         keys |= {f"{name}.{key}" for key in schema["properties"]["evaluation"]["properties"][name]["properties"]}
     missing = sorted(key for key in keys if f"`{key}`" not in documented and f"`{key}`," not in documented)
     assert not missing, missing
+
+
+def test_written_config_is_replaced_only_when_it_changes(tmp_path):
+    path = tmp_path / "results" / "config.yaml"
+    write_config(validate_config({}), path)
+    first = path.stat().st_mtime_ns
+    write_config(validate_config({}), path)
+    assert path.stat().st_mtime_ns == first  # the same config: the file is left alone
+    changed = validate_config({"results": "elsewhere"})
+    write_config(changed, path)
+    assert load_config(path) == changed
+    assert [entry.name for entry in path.parent.iterdir()] == ["config.yaml"]  # no staging file left

@@ -1,7 +1,6 @@
 """The workflow configuration: one YAML file, validated against `schemas/config.schema.yaml`
 (the same schema Snakemake's `validate()` uses), with the schema's defaults filled in."""
 
-import os
 from importlib import resources
 from pathlib import Path
 
@@ -9,6 +8,7 @@ import yaml
 from jsonschema import Draft202012Validator, validators
 
 from vlaflow.errors import VlaflowError
+from vlaflow.fs import replaced_file
 
 STAGES = ("vlm", "stage1", "stage2")
 
@@ -79,10 +79,8 @@ def write_config(config: dict, path: Path) -> None:
     path = Path(path)
     if path.is_file() and path.read_text() == text:
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staged = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    staged.write_text(text)
-    os.replace(staged, path)
+    with replaced_file(path) as staged:
+        staged.write_text(text)
 
 
 def load_config(path: Path) -> dict:

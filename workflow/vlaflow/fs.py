@@ -16,9 +16,9 @@ def _remove(path: Path) -> None:
 
 
 @contextmanager
-def _staged(out: Path, folder: bool):
+def _staged(out: Path, folder: bool, replace: bool = False):
     out = Path(out)
-    if out.exists() or out.is_symlink():
+    if not replace and (out.exists() or out.is_symlink()):
         raise VlaflowError(f"{out}: already exists; remove it or choose another output path")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
@@ -40,6 +40,12 @@ def atomic_directory(out: Path):
 def atomic_file(out: Path):
     """Yield a temporary path beside `out`; rename it to `out` only if the block succeeds."""
     return _staged(out, folder=False)
+
+
+def replaced_file(out: Path):
+    """As `atomic_file`, but an existing `out` is replaced: its readers see the old file or the
+    new one, never a part."""
+    return _staged(out, folder=False, replace=True)
 
 
 def link_or_copy(source: str, destination: str) -> None:
