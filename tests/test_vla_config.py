@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForImageTextToText
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
 from tests.conftest import ACTION_DIM, CHUNK_SIZE, FIXTURES, STATE_DIM
 from vlaflow.backbone.vla_config import make_vla_folder, vla_config_dict
@@ -53,8 +53,14 @@ def test_vla_folder_loads_as_the_vla_model_through_the_auto_classes(vla_folder, 
         key: value for key, value in backbone.items() if key not in vla_keys
     }
     for entry in vla_folder.iterdir():
-        assert entry.name == "config.json" or entry.is_symlink(), entry.name
+        assert entry.name in ("config.json", "processor_config.json") or entry.is_symlink(), entry.name
         assert entry.resolve().exists(), entry.name
+    # its own processor_config.json: the backbone's, naming the image-only processor for AutoProcessor
+    processor_config = json.loads((tiny_backbone / "processor_config.json").read_text())
+    assert json.loads((vla_folder / "processor_config.json").read_text()) == dict(
+        processor_config, processor_class="Qwen2VLAProcessor"
+    )
+    assert isinstance(AutoProcessor.from_pretrained(vla_folder), Qwen2VLAProcessor)
 
 
 def test_backbone_folder_is_byte_identical_after_the_whole_init(tiny_backbone, tmp_path):

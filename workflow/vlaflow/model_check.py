@@ -7,7 +7,8 @@ import torch
 from PIL import Image
 
 from vlaflow.data import language
-from vlaflow.models.qwen2_vla import ROBOT_EXPERT, VL_EXPERT, Qwen2VLAForConditionalGeneration, Qwen2VLAProcessor
+from vlaflow.models.qwen2_vla import ROBOT_EXPERT, VL_EXPERT, Qwen2VLAForConditionalGeneration
+from vlaflow.models.qwen2_vla.processing_qwen2_vla import load_processor
 
 
 def parameter_counts(model: Qwen2VLAForConditionalGeneration) -> dict[str, int]:
@@ -37,7 +38,7 @@ def check_model(folder: Path, mlp_weights: Path | None = None, batch_size: int =
     else:
         model = Qwen2VLAForConditionalGeneration.from_pretrained(folder)
     model.eval()
-    processor = Qwen2VLAProcessor.from_pretrained(folder)
+    processor = load_processor(folder)
     for part, count in parameter_counts(model).items():
         print(f"{part:>15}: {count:,} parameters")
 

@@ -1,4 +1,8 @@
-"""The download step: a backbone folder from the builtin tiny model, the Hugging Face hub, or disk."""
+"""The download step: a backbone folder from a builtin tiny model, the Hugging Face hub, or disk.
+
+`builtin:tiny-qwen2-vl` is the tiny model as transformers 5 saves it; `builtin:tiny-qwen2-vl-release`
+is the same model in the file layout of the official Qwen2-VL-2B-Instruct release (see `tiny`).
+"""
 
 import shutil
 from pathlib import Path
@@ -8,8 +12,10 @@ from vlaflow.errors import VlaflowError
 from vlaflow.fs import atomic_directory, link_or_copy
 
 BUILTIN_TINY = "builtin:tiny-qwen2-vl"
+BUILTIN_TINY_RELEASE = "builtin:tiny-qwen2-vl-release"
+BUILTINS = (BUILTIN_TINY, BUILTIN_TINY_RELEASE)
 HUB_PREFIX = "hf:"
-SOURCE_FORMS = f"'{BUILTIN_TINY}', 'hf:<org>/<name>@<revision>', or an existing local folder"
+SOURCE_FORMS = f"'{BUILTIN_TINY}', '{BUILTIN_TINY_RELEASE}', 'hf:<org>/<name>@<revision>', or an existing local folder"
 
 
 def parse_hub_source(source: str) -> tuple[str, str]:
@@ -26,7 +32,7 @@ def download(source: str, out: Path, seed: int = 0) -> Path:
     out = Path(out)
     if source.startswith(HUB_PREFIX):
         repo_id, revision = parse_hub_source(source)
-    elif source != BUILTIN_TINY:
+    elif source not in BUILTINS:
         if not Path(source).is_dir():
             raise VlaflowError(f"source {source!r}: not one of {SOURCE_FORMS}")
         verify_model_folder(Path(source))
@@ -35,6 +41,10 @@ def download(source: str, out: Path, seed: int = 0) -> Path:
             from vlaflow.backbone.tiny import build_tiny_qwen2_vl
 
             build_tiny_qwen2_vl(tmp, seed=seed)
+        elif source == BUILTIN_TINY_RELEASE:
+            from vlaflow.backbone.tiny import build_tiny_qwen2_vl_release
+
+            build_tiny_qwen2_vl_release(tmp, seed=seed)
         elif source.startswith(HUB_PREFIX):
             from huggingface_hub import snapshot_download
 

@@ -150,12 +150,10 @@ def _describe_batch(config: dict, stage: str, model: Path | None, batch_size: in
             lines.append(f"  {sample.source}: {sizes}: {text!r}")
         return "\n".join(lines)
 
-    from transformers import AutoProcessor
-
-    import vlaflow.models  # noqa: F401  (registers the processor class)
     from vlaflow.data.collator import Collator
+    from vlaflow.models.qwen2_vla.processing_qwen2_vla import load_processor
 
-    processor = AutoProcessor.from_pretrained(model)
+    processor = load_processor(model)
     collator = Collator.from_config(processor, config)
     batch = collator(samples)
     for key, value in batch.items():

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from transformers import AutoModelForImageTextToText, AutoProcessor
+from transformers import AutoModelForImageTextToText
 
 import vlaflow.models  # noqa: F401  (registers the model and processor classes)
 from vlaflow.config import read_yaml
@@ -19,6 +19,7 @@ from vlaflow.data.registry import ROBOT, RobotEntry
 from vlaflow.data.stage_data import load_registry
 from vlaflow.data.stats import NormStats
 from vlaflow.errors import VlaflowError
+from vlaflow.models.qwen2_vla.processing_qwen2_vla import load_processor
 from vlaflow.training.checkpoints import CONFIG_FILE, STATS_FILE
 
 # Where a model's robot datasets are listed when its own stage lists none.
@@ -44,7 +45,7 @@ class Policy:
         self.image_size = tuple(self.config["data"]["image_size"])
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = AutoModelForImageTextToText.from_pretrained(model_dir).to(self.device).eval()
-        self.processor = AutoProcessor.from_pretrained(model_dir)
+        self.processor = load_processor(model_dir)
         head = self.model.config.policy_head_config
         self.chunk_size, self.action_dim, self.state_dim = head.chunk_size, head.action_dim, head.state_dim
         if (self.stats.action_dim, self.stats.state_dim) != (self.action_dim, self.state_dim):

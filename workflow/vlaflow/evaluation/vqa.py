@@ -29,13 +29,14 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from transformers import AutoModelForImageTextToText, AutoProcessor
+from transformers import AutoModelForImageTextToText
 
 import vlaflow.models  # noqa: F401  (registers the model and processor classes)
 from vlaflow.backbone.folder import verify_model_folder
 from vlaflow.data.language import multiple_choice_prompt
 from vlaflow.errors import VlaflowError
 from vlaflow.fs import atomic_directory
+from vlaflow.models.qwen2_vla.processing_qwen2_vla import load_processor
 
 logger = logging.getLogger(__name__)
 
@@ -293,7 +294,7 @@ def load_vl_model(model_dir: Path):
     config = verify_model_folder(model_dir)
     if config["model_type"] != "qwen2_vla":
         raise VlaflowError(f"{model_dir}: model_type is {config['model_type']!r}; evaluation needs a VLA model folder")
-    processor = AutoProcessor.from_pretrained(model_dir)
+    processor = load_processor(model_dir)
     model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype="auto")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     return model.to(device).eval(), processor

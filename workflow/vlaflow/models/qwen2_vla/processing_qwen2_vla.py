@@ -1,8 +1,10 @@
-"""An image-only Qwen2-VL processor.
+"""An image-only Qwen2-VL processor, and the one way vlaflow loads a processor.
 
 transformers' `Qwen2VLProcessor` always builds a video processor, which needs torchvision; the
 CPU path of vlaflow has no torchvision and never feeds video, so this subclass drops it.
 """
+
+from pathlib import Path
 
 from transformers.models.qwen2_vl.processing_qwen2_vl import Qwen2VLProcessor
 
@@ -34,3 +36,14 @@ class Qwen2VLAProcessor(Qwen2VLProcessor):
         ]
         flat_images = [image for sample_images in images for image in sample_images]
         return self(text=prompts, images=flat_images or None, padding=True, padding_side="left", return_tensors="pt")
+
+
+def load_processor(folder: str | Path, **kwargs) -> Qwen2VLAProcessor:
+    """The image-only processor of a model folder, whichever processor class its files name.
+
+    `AutoProcessor` follows the folder: the official Qwen2-VL release has no
+    `processor_config.json` and its `preprocessor_config.json` names the stock `Qwen2VLProcessor`,
+    whose video processor needs torchvision. vlaflow loads every processor through here instead;
+    the image processor's settings still come from the folder (`processor_config.json` when it
+    nests them, else `preprocessor_config.json`), the tokenizer and chat template likewise."""
+    return Qwen2VLAProcessor.from_pretrained(folder, **kwargs)
