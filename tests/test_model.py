@@ -5,9 +5,10 @@ import torch
 from transformers import AutoModelForImageTextToText
 
 from tests.benchmarks.upstream_blend import use_blended_moe
-from tests.conftest import ACTION_DIM, CHUNK_SIZE, STATE_DIM, random_image
+from tests.conftest import ACTION_DIM, CHUNK_SIZE, STATE_DIM, random_image, robot_sample, text_sample, vl_sample
 from vlaflow.data import language
 from vlaflow.models.qwen2_vla import ROBOT_EXPERT, VL_EXPERT, Qwen2VLAForConditionalGeneration
+from vlaflow.models.qwen2_vla import modeling_qwen2_vla
 from vlaflow.models.qwen2_vla.modeling_qwen2_vla import IGNORE_INDEX, ExpertRouting
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids", "expert_route")
@@ -53,8 +54,134 @@ def test_routing_computes_each_row_with_exactly_one_expert():
     assert routing.uniform_expert is None
     assert routing.rows[VL_EXPERT].tolist() == [1, 2, 4] and routing.rows[ROBOT_EXPERT].tolist() == [0, 3]
     assert ExpertRouting.from_route(torch.ones(3, dtype=torch.long)).uniform_expert == ROBOT_EXPERT
+    every = ExpertRouting.from_route(torch.ones(3, dtype=torch.long), every_expert=True)
+    assert every.uniform_expert is None
+    assert every.rows[VL_EXPERT].tolist() == [] and every.rows[ROBOT_EXPERT].tolist() == [0, 1, 2]
     with pytest.raises(ValueError, match="expert_route must hold 0"):
         ExpertRouting.from_route(torch.tensor([0, 2]))
+
+
+BATCHES = {
+    "robot only": lambda: [robot_sample(1), robot_sample(2, "Close the left gripper.", ((64, 80),))],
+    "VL only": lambda: [vl_sample(0), text_sample()],
+    "text only": lambda: [text_sample(), text_sample()],
+}
+
+
+TRAINED_IN_EVERY_BATCH = {
+    "model.language_model.layers.0.mlp.experts.0.down_proj.weight": "the VL expert",
+    "model.language_model.layers.0.mlp.experts.1.down_proj.weight": "the robot expert",
+    "policy_head.final_layer.linear.weight": "the policy head",
+    "reasoning_conditioner.prompt_proj.0.weight": "the reasoning conditioner",
+    "model.visual.blocks.0.attn.qkv.weight": "the vision tower",
+    "lm_head.weight": "the LM head",
+}
+
+
+@pytest.mark.parametrize("kind", list(BATCHES))
+def test_training_gives_every_trainable_module_a_gradient_whatever_the_batch_holds(vla_model, collator, kind):
+    """Data-parallel ranks under DeepSpeed must reduce gradients of the same parameters: a rank
+    whose batch holds only robot samples (or no robot sample, or no image) still runs every module."""
+    perturb(vla_model.policy_head)  # past adaLN-Zero's start, where the condition gets no gradient
+    vla_model.train()
+    vla_model(**collator(BATCHES[kind]())).loss.backward()
+    for name, parameter in vla_model.named_parameters():
+        assert parameter.grad is not None, name
+    parameters = dict(vla_model.named_parameters())
+    unused = {"robot only": ["the VL expert"], "VL only": ["the robot expert", "the policy head", "the reasoning conditioner"]}
+    unused["text only"] = unused["VL only"] + ["the vision tower"]
+    for name, module in TRAINED_IN_EVERY_BATCH.items():
+        gradient = parameters[name].grad
+        if module in unused[kind]:
+            assert torch.count_nonzero(gradient) == 0, module  # it took part with zero rows or zero weight
+        else:
+            assert torch.count_nonzero(gradient) > 0, module
+
+
+def test_taking_part_changes_neither_the_loss_nor_the_gradients(vla_model, collator):
+    batch = collator(BATCHES["robot only"]())
+    results = []
+    for every_module in (True, False):
+        vla_model.zero_grad(set_to_none=True)
+        vla_model.train(every_module)  # eval mode runs the single-expert path
+        loss = vla_model(**batch, noise_generator=torch.Generator().manual_seed(0)).loss
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in vla_model.named_parameters() if p.grad is not None}))
+    (loss_all, grads_all), (loss_used, grads_used) = results
+    assert torch.equal(loss_all, loss_used)
+    assert set(grads_used) < set(grads_all)
+    for name, gradient in grads_used.items():
+        assert torch.allclose(gradient, grads_all[name], atol=1e-6), name
+
+
+def test_inference_runs_one_expert_per_uniform_batch(vla_model, collator):
+    calls = {VL_EXPERT: 0, ROBOT_EXPERT: 0}
+    for expert in calls:
+        hook = lambda *_, expert=expert: calls.__setitem__(expert, calls[expert] + 1)  # noqa: E731
+        vla_model.expert(0, expert).register_forward_hook(hook)
+    vla_model.eval()
+    with torch.no_grad():
+        vla_model(**inputs_of(collator(BATCHES["robot only"]())))
+    assert calls == {VL_EXPERT: 0, ROBOT_EXPERT: 1}
+
+
+def test_logits_are_computed_at_label_positions_only(vla_model, mixed_batch, monkeypatch):
+    rows = []
+    vla_model.lm_head.register_forward_hook(lambda module, inputs, output: rows.append(inputs[0].shape[0]))
+    vla_model.train()
+    torch.manual_seed(0)
+    reference = vla_model(**mixed_batch)
+    (reference.loss).backward()
+    reference_grad = vla_model.lm_head.weight.grad.clone()
+    label_tokens = int((mixed_batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    assert rows == [label_tokens, label_tokens]  # forward, and again in the backward pass
+
+    # chunked: a few label tokens at a time, the same losses and gradients
+    monkeypatch.setattr(modeling_qwen2_vla, "CROSS_ENTROPY_CHUNK", 3)
+    vla_model.zero_grad()
+    rows.clear()
+    torch.manual_seed(0)
+    chunked = vla_model(**mixed_batch)
+    chunked.loss.backward()
+    assert max(rows) == 3 and sum(rows) == 2 * label_tokens
+    for part in ("ce_loss", "reasoning_loss", "vl_loss", "text_only_loss"):
+        assert torch.allclose(getattr(chunked, part), getattr(reference, part), atol=1e-6), part
+    assert torch.allclose(vla_model.lm_head.weight.grad, reference_grad, atol=1e-6)
+
+
+def test_action_loss_draws_its_noise_from_the_given_generator(vla_model, mixed_batch):
+    def action_loss(seed):
+        return vla_model(**mixed_batch, noise_generator=torch.Generator().manual_seed(seed)).action_loss
+
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    first = action_loss(1)
+    assert torch.equal(torch.get_rng_state(), state)  # the global RNG is left alone
+    assert torch.equal(action_loss(1), first)
+    assert not torch.equal(action_loss(2), first)
+
+
+def test_diffusion_noising_is_fp32_in_a_bf16_head(vla_model):
+    """In bf16, alpha-bar at t = 0, 1 rounds to 1 and the noise would vanish from the head's input."""
+    head = vla_model.policy_head.to(torch.bfloat16)
+    rows = 400
+    condition = torch.randn(rows, head.config.cond_dim, dtype=torch.bfloat16)
+    states = torch.randn(rows, STATE_DIM)
+    actions = torch.rand(rows, CHUNK_SIZE, ACTION_DIM) * 2 - 1
+    seen = []
+    head.action_embed.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0]))
+    head.loss(actions, torch.zeros(rows, CHUNK_SIZE, dtype=torch.bool), condition, states, torch.Generator().manual_seed(0))
+
+    draws = torch.Generator().manual_seed(0)
+    noise = torch.randn(actions.shape, generator=draws)
+    timesteps = torch.randint(0, head.config.num_train_timesteps, (rows,), generator=draws)
+    alpha_bar = head.noise_scheduler.alphas_cumprod.double()[timesteps].view(-1, 1, 1)
+    expected = alpha_bar.sqrt() * actions.double() + (1 - alpha_bar).sqrt() * noise.double()
+    assert (timesteps <= 1).any()
+    assert seen[0].dtype == torch.bfloat16
+    assert torch.equal(seen[0], expected.to(torch.bfloat16))
+    chunk = head.sample(condition[:2], states[:2], generator=torch.Generator().manual_seed(0))
+    assert chunk.dtype == torch.float32 and chunk.isfinite().all()
 
 
 def test_freeze_vl_expert_leaves_expert_0_bit_identical_after_a_step(vla_model, mixed_batch):
@@ -83,8 +210,9 @@ def test_loss_components_add_up_as_the_recipe_says(vla_model, mixed_batch):
     vla_model.config.llm_loss_weight = 2.0
     torch.manual_seed(0)
     output = vla_model(**mixed_batch)
+    assert output.logits is None  # with labels, logits exist only inside the loss, at label positions
     labels = mixed_batch["labels"][:, 1:]
-    logits = output.logits[:, :-1]
+    logits = vla_model(**inputs_of(mixed_batch)).logits[:, :-1]
     mean_ce = torch.nn.functional.cross_entropy(
         logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX
     )

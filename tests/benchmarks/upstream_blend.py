@@ -3,11 +3,12 @@ outputs are blended with the per-sample route, so the MLP costs twice as much.""
 
 import torch
 
-from vlaflow.models.qwen2_vla.modeling_qwen2_vla import ROBOT_EXPERT, ExpertRouting, StaticMoEMLP
+from vlaflow.models.qwen2_vla.modeling_qwen2_vla import ROBOT_EXPERT, StaticMoEMLP
 
 
 class BlendedMoEMLP(StaticMoEMLP):
-    def forward(self, hidden_states: torch.Tensor, routing: ExpertRouting) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        routing = self.routing
         robot = torch.zeros(hidden_states.shape[0], 1, 1, dtype=hidden_states.dtype, device=hidden_states.device)
         if routing.uniform_expert is not None:
             robot.fill_(float(routing.uniform_expert == ROBOT_EXPERT))

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import initialization as init
 from transformers.modeling_outputs import ModelOutput
 from transformers.modeling_utils import slice_logits_to_keep
@@ -29,33 +30,42 @@ IGNORE_INDEX = -100
 
 @dataclass
 class ExpertRouting:
-    """Which batch rows each expert processes; computed once per forward, shared by all layers."""
+    """Which batch rows each expert processes; computed once per forward, shared by all layers.
+
+    In training every expert runs, on zero rows if its route is empty: DeepSpeed's ZeRO reduces
+    gradients in buckets that every rank must fill with the same parameters, so an expert skipped
+    on one rank and used on another breaks the collective. Inference keeps the single-expert path.
+    """
 
     uniform_expert: int | None
     rows: tuple[torch.Tensor, ...]
     inverse_order: torch.Tensor | None
 
     @classmethod
-    def from_route(cls, expert_route: torch.Tensor) -> "ExpertRouting":
+    def from_route(cls, expert_route: torch.Tensor, every_expert: bool = False) -> "ExpertRouting":
         route = expert_route.long().view(-1)
         counts = torch.bincount(route, minlength=2).tolist()
         if len(counts) > 2:
             raise ValueError(f"expert_route must hold 0 (vision-language) or 1 (robot), got {route.tolist()}")
-        for expert, count in enumerate(counts):
-            if count == route.numel():
-                return cls(uniform_expert=expert, rows=(), inverse_order=None)
+        if not every_expert:
+            for expert, count in enumerate(counts):
+                if count == route.numel():
+                    return cls(uniform_expert=expert, rows=(), inverse_order=None)
         rows = tuple(torch.nonzero(route == expert).view(-1) for expert in (VL_EXPERT, ROBOT_EXPERT))
         return cls(uniform_expert=None, rows=rows, inverse_order=torch.argsort(torch.cat(rows)))
 
 
 class StaticMoEMLP(nn.Module):
-    """Two Qwen2 MLPs; each batch row goes through the expert its sample is routed to."""
+    """Two Qwen2 MLPs; each batch row goes through the expert its sample is routed to. The decoder
+    layer sets `routing` for the duration of its forward."""
 
     def __init__(self, config):
         super().__init__()
         self.experts = nn.ModuleList([Qwen2MLP(config), Qwen2MLP(config)])
+        self.routing: ExpertRouting | None = None
 
-    def forward(self, hidden_states: torch.Tensor, routing: ExpertRouting) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        routing = self.routing
         if routing.uniform_expert is not None:
             return self.experts[routing.uniform_expert](hidden_states)
         outputs = [expert(hidden_states.index_select(0, rows)) for expert, rows in zip(self.experts, routing.rows)]
@@ -63,38 +73,22 @@ class StaticMoEMLP(nn.Module):
 
 
 class Qwen2VLAMoEDecoderLayer(Qwen2VLDecoderLayer):
-    """Qwen2-VL's decoder layer with the static MoE; the routing arrives as a keyword argument,
-    which gradient checkpointing re-binds when it recomputes the layer."""
+    """Qwen2-VL's decoder layer with the static MoE. The routing arrives as a keyword argument
+    (which gradient checkpointing re-binds when it recomputes the layer) and is handed to the MLP;
+    everything else is transformers' own layer, whatever its signature in the installed version."""
 
     def __init__(self, config, layer_idx: int):
         super().__init__(config, layer_idx)
         self.mlp = StaticMoEMLP(config)
 
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        attention_mask=None,
-        position_ids=None,
-        past_key_values=None,
-        use_cache=False,
-        position_embeddings=None,
-        expert_routing: ExpertRouting | None = None,
-        **kwargs,
-    ) -> torch.Tensor:
+    def forward(self, *args, expert_routing: ExpertRouting | None = None, **kwargs):
         if expert_routing is None:
             raise ValueError("the MoE decoder layer needs expert_routing; call the VLA model, not its submodules")
-        residual = hidden_states
-        hidden_states, _ = self.self_attn(
-            hidden_states=self.input_layernorm(hidden_states),
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=past_key_values,
-            use_cache=use_cache,
-            position_embeddings=position_embeddings,
-            **kwargs,
-        )
-        hidden_states = residual + hidden_states
-        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states), expert_routing)
+        self.mlp.routing = expert_routing
+        try:
+            return super().forward(*args, **kwargs)
+        finally:
+            self.mlp.routing = None
 
 
 def masked_mean(hidden_states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -129,11 +123,17 @@ class ReasoningConditioner(nn.Module):
 
 @dataclass
 class Qwen2VLAOutput(ModelOutput):
-    """`loss` = action_loss / llm_loss_weight + ce_loss; ce_loss = reasoning + vl + text-only."""
+    """`loss` = action_loss / llm_loss_weight + ce_loss; ce_loss = reasoning + vl + text-only.
+
+    With `labels`, logits are computed only where labels exist, for the loss, and not returned.
+    The language model's cache is `past_key_values` up to transformers 5.23 and `cache` from 5.24
+    on: the output fills the field of the installed version, the one its generation reads.
+    """
 
     loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
     past_key_values: object | None = None
+    cache: object | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
     action_loss: torch.FloatTensor | None = None
@@ -141,6 +141,11 @@ class Qwen2VLAOutput(ModelOutput):
     reasoning_loss: torch.FloatTensor | None = None
     vl_loss: torch.FloatTensor | None = None
     text_only_loss: torch.FloatTensor | None = None
+
+
+# Label tokens whose logits exist at once: one chunk of (tokens x vocabulary) in fp32, recomputed
+# in the backward pass, instead of logits for every position of the batch.
+CROSS_ENTROPY_CHUNK = 1024
 
 
 @dataclass
@@ -190,6 +195,13 @@ class Qwen2VLAForConditionalGeneration(Qwen2VLForConditionalGeneration):
         for layer_index in range(len(self.decoder_layers)):
             self.expert(layer_index, VL_EXPERT).requires_grad_(False)
 
+    @property
+    def _every_module_takes_part(self) -> bool:
+        """Training runs every trainable module on every batch (on zero rows, or zero-weighted,
+        where the batch has nothing for it): data-parallel ranks must produce gradients for the
+        same parameters, or DeepSpeed's bucketed reduction fails or hangs."""
+        return self.training and torch.is_grad_enabled()
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -206,6 +218,7 @@ class Qwen2VLAForConditionalGeneration(Qwen2VLForConditionalGeneration):
         actions: torch.FloatTensor | None = None,
         states: torch.FloatTensor | None = None,
         is_pad: torch.BoolTensor | None = None,
+        noise_generator: torch.Generator | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
     ) -> Qwen2VLAOutput:
@@ -215,15 +228,18 @@ class Qwen2VLAForConditionalGeneration(Qwen2VLForConditionalGeneration):
         actions (`(batch_size, chunk_size, action_dim)`), states (`(batch_size, state_dim)`),
         is_pad (`(batch_size, chunk_size)`): normalised robot targets; rows of vision-language
             samples are ignored.
+        noise_generator (`torch.Generator`): the diffusion noise and timesteps of the action loss
+            are drawn from it (training seeds one per rank and step); default: the global RNG.
         """
         reference = input_ids if input_ids is not None else inputs_embeds
         if expert_route is None:
             expert_route = torch.full((reference.shape[0],), VL_EXPERT, dtype=torch.long, device=reference.device)
+        if past_key_values is not None:
+            kwargs["past_key_values"] = past_key_values
         outputs = self._backbone(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             pixel_values=pixel_values,
@@ -233,47 +249,68 @@ class Qwen2VLAForConditionalGeneration(Qwen2VLForConditionalGeneration):
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
-        logits = self.lm_head(slice_logits_to_keep(hidden_states, logits_to_keep))
-
+        # transformers 5.24 renamed the language model's `past_key_values` to `cache`
+        cache_field = "cache" if hasattr(outputs, "cache") else "past_key_values"
         result = Qwen2VLAOutput(
-            logits=logits,
-            past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
+            **{cache_field: getattr(outputs, cache_field)},
         )
         if labels is not None:
-            self._add_token_losses(result, logits, labels, input_ids, expert_route)
+            self._add_token_losses(result, hidden_states, labels, input_ids, expert_route)
+        else:
+            result.logits = self.lm_head(slice_logits_to_keep(hidden_states, logits_to_keep))
         if actions is not None:
             result.action_loss = self._action_loss(
-                hidden_states, labels, attention_mask, expert_route, actions, states, is_pad
+                hidden_states, labels, attention_mask, expert_route, actions, states, is_pad, noise_generator
             )
         if result.ce_loss is not None or result.action_loss is not None:
             result.loss = self.total_loss(result)
         return result
 
-    def _backbone(self, input_ids, image_grid_thw, mm_token_type_ids, expert_route, **kwargs):
+    def _backbone(self, input_ids, pixel_values, image_grid_thw, mm_token_type_ids, expert_route, **kwargs):
         """Qwen2-VL's vision tower and language model, with the MoE routing passed to every layer."""
         if mm_token_type_ids is None and input_ids is not None and image_grid_thw is not None:
             mm_token_type_ids = (input_ids == self.config.image_token_id).int()
         if self.config.using_moe:
-            kwargs["expert_routing"] = ExpertRouting.from_route(expert_route)
-        return self.model(
-            input_ids=input_ids, image_grid_thw=image_grid_thw, mm_token_type_ids=mm_token_type_ids, **kwargs
+            kwargs["expert_routing"] = ExpertRouting.from_route(expert_route, every_expert=self._every_module_takes_part)
+        outputs = self.model(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            image_grid_thw=image_grid_thw,
+            mm_token_type_ids=mm_token_type_ids,
+            **kwargs,
         )
+        if pixel_values is None and self._every_module_takes_part:
+            outputs.last_hidden_state = outputs.last_hidden_state + 0 * self._blank_image_features()
+        return outputs
 
-    def _add_token_losses(self, result, logits, labels, input_ids, expert_route) -> None:
+    def _blank_image_features(self) -> torch.Tensor:
+        """The vision tower on the smallest blank image, summed: added times zero to an image-free
+        batch, it gives the tower gradients (of zero) like any batch with images."""
+        vision = self.config.vision_config
+        merge = vision.spatial_merge_size
+        grid = torch.tensor([[1, merge, merge]], device=self.device)
+        patch = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
+        pixels = torch.zeros((merge * merge, patch), device=self.device, dtype=self.model.visual.dtype)
+        return self.model.visual(pixels, grid_thw=grid).pooler_output.sum()
+
+    def _add_token_losses(self, result, hidden_states, labels, input_ids, expert_route) -> None:
         """Token cross-entropy split by sample kind, each part summed and divided by the batch's
-        label-token count, so the parts add up to the mean cross-entropy."""
-        shift_logits = logits[:, :-1].float()
-        shift_labels = labels[:, 1:].to(logits.device)
-        token_losses = nn.functional.cross_entropy(
-            shift_logits.reshape(-1, shift_logits.shape[-1]),
-            shift_labels.reshape(-1),
-            ignore_index=IGNORE_INDEX,
-            reduction="none",
-        ).view(shift_labels.shape)
+        label-token count, so the parts add up to the mean cross-entropy.
+
+        Logits are computed only at label positions, a chunk at a time and again in the backward
+        pass: full-vocabulary fp32 logits for every position (16 x 2048 tokens x 151936 words for
+        the published recipe) would take tens of GB per GPU."""
+        shift_labels = labels[:, 1:].to(hidden_states.device)
+        positions = torch.nonzero(shift_labels != IGNORE_INDEX, as_tuple=True)
+        label_hidden = hidden_states[:, :-1][positions]
+        targets = shift_labels[positions]
+        chunk_losses = self._label_cross_entropy(label_hidden, targets)
+        token_losses = torch.zeros(shift_labels.shape, dtype=torch.float32, device=hidden_states.device)
+        token_losses = token_losses.index_put(positions, chunk_losses)
         per_sample = token_losses.sum(dim=1)
-        label_tokens = (shift_labels != IGNORE_INDEX).sum().clamp(min=1)
+        label_tokens = len(targets) or 1
         robot = expert_route == ROBOT_EXPERT
         has_image = (input_ids == self.config.image_token_id).any(dim=1) if input_ids is not None else ~robot
         result.reasoning_loss = per_sample[robot].sum() / label_tokens
@@ -281,12 +318,31 @@ class Qwen2VLAForConditionalGeneration(Qwen2VLForConditionalGeneration):
         result.text_only_loss = per_sample[~robot & ~has_image].sum() / label_tokens
         result.ce_loss = result.reasoning_loss + result.vl_loss + result.text_only_loss
 
-    def _action_loss(self, hidden_states, labels, attention_mask, expert_route, actions, states, is_pad):
+    def _label_cross_entropy(self, label_hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The cross-entropy of each label token. There is at least one chunk, empty if the batch
+        has no label, so the LM head takes part in every training batch."""
+        losses = []
+        for start in range(0, max(len(targets), 1), CROSS_ENTROPY_CHUNK):
+            chunk = (label_hidden[start : start + CROSS_ENTROPY_CHUNK], targets[start : start + CROSS_ENTROPY_CHUNK])
+            if torch.is_grad_enabled():
+                losses.append(checkpoint(self._chunk_cross_entropy, *chunk, use_reentrant=False))
+            else:
+                losses.append(self._chunk_cross_entropy(*chunk))
+        return torch.cat(losses)
+
+    def _chunk_cross_entropy(self, hidden_states: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits = self.lm_head(hidden_states).float()
+        return nn.functional.cross_entropy(logits, targets, reduction="none")
+
+    def _action_loss(
+        self, hidden_states, labels, attention_mask, expert_route, actions, states, is_pad, noise_generator=None
+    ):
         robot = expert_route == ROBOT_EXPERT
-        if not robot.any():
-            return hidden_states.new_zeros(())
+        if not robot.any() and not self._every_module_takes_part:
+            return hidden_states.new_zeros((), dtype=torch.float32)
         if states is None or is_pad is None:
             raise ValueError("robot samples need states and is_pad along with actions")
+        # with no robot row, the conditioner and the head run on zero rows: their loss is 0
         robot_hidden = hidden_states[robot]
         valid = (
             attention_mask[robot].bool()
@@ -298,7 +354,7 @@ class Qwen2VLAForConditionalGeneration(Qwen2VLForConditionalGeneration):
         else:
             reasoning_mask = torch.zeros_like(valid)
         condition = self.reasoning_conditioner(robot_hidden, valid & ~reasoning_mask, reasoning_mask)
-        return self.policy_head.loss(actions[robot], is_pad[robot], condition, states[robot])
+        return self.policy_head.loss(actions[robot], is_pad[robot], condition, states[robot], generator=noise_generator)
 
     def total_loss(
         self, result: Qwen2VLAOutput, action_scale: float = 1.0, token_scale: float = 1.0, vl_weight: float = 1.0

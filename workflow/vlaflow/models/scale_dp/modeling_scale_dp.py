@@ -132,31 +132,39 @@ class ScaleDPPolicy(nn.Module):
         return self.final_layer(x, c)
 
     def loss(
-        self, actions: torch.Tensor, is_pad: torch.Tensor, condition: torch.Tensor, states: torch.Tensor
+        self,
+        actions: torch.Tensor,
+        is_pad: torch.Tensor,
+        condition: torch.Tensor,
+        states: torch.Tensor,
+        generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        """Masked MSE of the predicted noise, averaged over the unpadded action elements."""
-        actions = actions.to(condition.dtype)
-        noise = torch.randn_like(actions)
+        """Masked MSE of the predicted noise, averaged over the unpadded action elements.
+
+        The noise, the timesteps and the noising are fp32 whatever the model's dtype: in bf16,
+        the schedule's alpha-bar at t = 0, 1 rounds to 1, so the noise would vanish there."""
+        actions = actions.float()
+        noise = torch.randn(actions.shape, generator=generator, device=actions.device, dtype=torch.float32)
         timesteps = torch.randint(
-            0, self.config.num_train_timesteps, (actions.shape[0],), device=actions.device, dtype=torch.long
+            0, self.config.num_train_timesteps, (actions.shape[0],), generator=generator, device=actions.device
         )
         noisy_actions = self.noise_scheduler.add_noise(actions, noise, timesteps)
-        predicted = self.predict_noise(noisy_actions, timesteps, condition, states)
-        valid = (~is_pad.bool()).unsqueeze(-1).to(predicted.dtype)
-        squared_error = (predicted.float() - noise.float()) ** 2 * valid
+        predicted = self.predict_noise(noisy_actions.to(condition.dtype), timesteps, condition, states)
+        valid = (~is_pad.bool()).unsqueeze(-1).float()
+        squared_error = (predicted.float() - noise) ** 2 * valid
         return squared_error.sum() / (valid.sum() * actions.shape[-1]).clamp(min=1)
 
     @torch.no_grad()
     def sample(
         self, condition: torch.Tensor, states: torch.Tensor, generator: torch.Generator | None = None
     ) -> torch.Tensor:
-        """DDIM sampling of a normalised action chunk per row of `condition`."""
+        """DDIM sampling of a normalised action chunk per row of `condition`; the chunk and the
+        scheduler's steps stay fp32, only the network runs in the model's dtype."""
         shape = (condition.shape[0], self.config.chunk_size, self.config.action_dim)
         actions = torch.randn(shape, generator=generator, device=condition.device, dtype=torch.float32)
-        actions = actions.to(condition.dtype)
         self.noise_scheduler.set_timesteps(self.config.num_inference_timesteps)
         for t in self.noise_scheduler.timesteps:
             timesteps = torch.full((shape[0],), int(t), device=condition.device, dtype=torch.long)
-            predicted = self.predict_noise(actions, timesteps, condition, states)
-            actions = self.noise_scheduler.step(predicted, t, actions).prev_sample
+            predicted = self.predict_noise(actions.to(condition.dtype), timesteps, condition, states)
+            actions = self.noise_scheduler.step(predicted.float(), t, actions).prev_sample
         return actions
