@@ -273,21 +273,29 @@ class Qwen2VLAForConditionalGeneration(Qwen2VLForConditionalGeneration):
         if mm_token_type_ids is None and input_ids is not None and image_grid_thw is not None:
             mm_token_type_ids = (input_ids == self.config.image_token_id).int()
         if self.config.using_moe:
-            kwargs["expert_routing"] = ExpertRouting.from_route(expert_route, every_expert=self._every_module_takes_part)
-        outputs = self.model(
+            kwargs["expert_routing"] = ExpertRouting.from_route(
+                expert_route, every_expert=self._every_module_takes_part
+            )
+        if pixel_values is None and self._every_module_takes_part:
+            embeddings = kwargs.get("inputs_embeds")
+            if embeddings is None:
+                embeddings = self.model.get_input_embeddings()(input_ids)
+            kwargs["inputs_embeds"] = embeddings + 0 * self._blank_image_features()
+        return self.model(
             input_ids=input_ids,
             pixel_values=pixel_values,
             image_grid_thw=image_grid_thw,
             mm_token_type_ids=mm_token_type_ids,
             **kwargs,
         )
-        if pixel_values is None and self._every_module_takes_part:
-            outputs.last_hidden_state = outputs.last_hidden_state + 0 * self._blank_image_features()
-        return outputs
 
     def _blank_image_features(self) -> torch.Tensor:
-        """The vision tower on the smallest blank image, summed: added times zero to an image-free
-        batch, it gives the tower gradients (of zero) like any batch with images."""
+        """The vision tower on the smallest blank image, summed: added times zero to the token
+        embeddings of an image-free batch, it gives the tower gradients (of zero) like any batch
+        with images. It runs where real images do, after the embeddings and before the language
+        model, so the backward pass reaches the parameters in the same order on every rank:
+        ZeRO-2 packs gradients into its reduction buckets in the order they arrive, and ranks
+        that filled them in different orders would sum different parameters' gradients."""
         vision = self.config.vision_config
         merge = vision.spatial_merge_size
         grid = torch.tensor([[1, merge, merge]], device=self.device)
