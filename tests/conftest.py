@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from tests.slurm_cluster import SlurmUnavailable, alive, slurm_cluster
-from vlaflow.backbone.download import BUILTIN_TINY, download
+from vlaflow.backbone.download import BUILTIN_TINY, BUILTIN_TINY_RELEASE, download
 from vlaflow.backbone.mlp_weights import load_vla_with_moe_init, save_mlp_weights
 from vlaflow.backbone.vla_config import make_vla_folder
 from vlaflow.data.collator import Collator
@@ -35,6 +35,18 @@ def vla_folder(tiny_backbone, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def mlp_weights(tiny_backbone, tmp_path_factory) -> Path:
     return save_mlp_weights(tiny_backbone, tmp_path_factory.mktemp("mlp") / "mlp.safetensors")
+
+
+@pytest.fixture(scope="session")
+def release_backbone(tmp_path_factory) -> Path:
+    """The tiny model in the official Qwen2-VL-2B-Instruct release's file layout (bf16, sharded)."""
+    return download(BUILTIN_TINY_RELEASE, tmp_path_factory.mktemp("release") / "backbone")
+
+
+@pytest.fixture(scope="session")
+def release_vla(release_backbone, tmp_path_factory) -> Path:
+    head = dict(action_dim=ACTION_DIM, state_dim=STATE_DIM, chunk_size=CHUNK_SIZE)
+    return make_vla_folder(release_backbone, tmp_path_factory.mktemp("release_vla") / "vla", policy_head=head)
 
 
 @pytest.fixture(scope="session")

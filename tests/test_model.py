@@ -7,8 +7,7 @@ from transformers import AutoModelForImageTextToText
 from tests.benchmarks.upstream_blend import use_blended_moe
 from tests.conftest import ACTION_DIM, CHUNK_SIZE, STATE_DIM, random_image, robot_sample, text_sample, vl_sample
 from vlaflow.data import language
-from vlaflow.models.qwen2_vla import ROBOT_EXPERT, VL_EXPERT, Qwen2VLAForConditionalGeneration
-from vlaflow.models.qwen2_vla import modeling_qwen2_vla
+from vlaflow.models.qwen2_vla import ROBOT_EXPERT, VL_EXPERT, Qwen2VLAForConditionalGeneration, modeling_qwen2_vla
 from vlaflow.models.qwen2_vla.modeling_qwen2_vla import IGNORE_INDEX, ExpertRouting
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids", "expert_route")
@@ -88,7 +87,10 @@ def test_training_gives_every_trainable_module_a_gradient_whatever_the_batch_hol
     for name, parameter in vla_model.named_parameters():
         assert parameter.grad is not None, name
     parameters = dict(vla_model.named_parameters())
-    unused = {"robot only": ["the VL expert"], "VL only": ["the robot expert", "the policy head", "the reasoning conditioner"]}
+    unused = {
+        "robot only": ["the VL expert"],
+        "VL only": ["the robot expert", "the policy head", "the reasoning conditioner"],
+    }
     unused["text only"] = unused["VL only"] + ["the vision tower"]
     for name, module in TRAINED_IN_EVERY_BATCH.items():
         gradient = parameters[name].grad
@@ -170,7 +172,9 @@ def test_diffusion_noising_is_fp32_in_a_bf16_head(vla_model):
     actions = torch.rand(rows, CHUNK_SIZE, ACTION_DIM) * 2 - 1
     seen = []
     head.action_embed.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0]))
-    head.loss(actions, torch.zeros(rows, CHUNK_SIZE, dtype=torch.bool), condition, states, torch.Generator().manual_seed(0))
+    head.loss(
+        actions, torch.zeros(rows, CHUNK_SIZE, dtype=torch.bool), condition, states, torch.Generator().manual_seed(0)
+    )
 
     draws = torch.Generator().manual_seed(0)
     noise = torch.randn(actions.shape, generator=draws)

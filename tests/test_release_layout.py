@@ -24,9 +24,8 @@ from transformers import (
 
 from tests.conftest import ACTION_DIM, CHUNK_SIZE, FIXTURES, STATE_DIM, random_image
 from tests.training_helpers import REPO, VLAFLOW, losses, train_command, training_config, training_world
-from vlaflow.backbone.download import BUILTIN_TINY_RELEASE, download
+from vlaflow.backbone.download import BUILTIN_TINY_RELEASE
 from vlaflow.backbone.tiny import CHAT_TEMPLATE, TEXT_CONFIG, VISION_CONFIG
-from vlaflow.backbone.vla_config import make_vla_folder
 from vlaflow.cli import main
 from vlaflow.models.qwen2_vla import Qwen2VLAForConditionalGeneration, Qwen2VLAProcessor
 from vlaflow.models.qwen2_vla.processing_qwen2_vla import load_processor
@@ -50,17 +49,6 @@ def release_keys(name: str) -> set[str]:
     if name in RELEASE_COPIES:
         return set(read_json(RELEASE / name))
     return set(MANIFEST["json_keys"][name])
-
-
-@pytest.fixture(scope="module")
-def release_backbone(tmp_path_factory):
-    return download(BUILTIN_TINY_RELEASE, tmp_path_factory.mktemp("release") / "backbone")
-
-
-@pytest.fixture(scope="module")
-def release_vla(release_backbone, tmp_path_factory):
-    head = dict(action_dim=ACTION_DIM, state_dim=STATE_DIM, chunk_size=CHUNK_SIZE)
-    return make_vla_folder(release_backbone, tmp_path_factory.mktemp("release_vla") / "vla", policy_head=head)
 
 
 def test_the_folder_has_the_release_files_and_json_keys(release_backbone):

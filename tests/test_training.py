@@ -25,11 +25,14 @@ from tests.training_helpers import (
     wait_for,
 )
 from vlaflow.backbone.mlp_weights import save_mlp_weights
+from vlaflow.cli import build_parser
+from vlaflow.config import load_config, stage_settings
 from vlaflow.data.stats import NormStats
 from vlaflow.errors import VlaflowError
 from vlaflow.training.checkpoints import COMPLETE_MARKER, METRICS_FILE, STATS_FILE, latest_checkpoint
 from vlaflow.training.run import check_world_size, train
-from vlaflow.training.settings import STAGES
+from vlaflow.training.settings import STAGES, training_arguments
+from vlaflow.training.trainer import noise_seed
 
 EXPERT = "model.layers.{layer}.mlp.experts.{expert}.down_proj.weight"
 ATTENTION = "model.layers.0.self_attn.q_proj.weight"
@@ -293,3 +296,52 @@ def test_gradient_checkpointing_switch_trains_the_same_steps(world, vla_folder, 
     first, second = (losses(run / METRICS_FILE) for run in runs)
     assert first.keys() == second.keys() == {1, 2, 3}
     assert all(abs(first[step] - second[step]) < 1e-4 for step in first)
+
+
+def test_noise_seeds_differ_per_rank_step_and_draw_and_repeat():
+    """Every rank seeds its global RNG alike: drawn from it, 8 ranks would share one noise draw."""
+    seeds = {
+        (rank, step, draw): noise_seed(0, rank, step, draw)
+        for rank in range(8)
+        for step in range(4)
+        for draw in range(2)
+    }
+    assert len(set(seeds.values())) == len(seeds)
+    assert all(noise_seed(0, *key) == seed for key, seed in seeds.items())
+    assert noise_seed(1, 0, 0, 0) != seeds[(0, 0, 0)]
+
+
+def test_bf16_without_deepspeed_steps_fp32_master_weights(world, release_vla, tmp_path):
+    """The release's weights are bf16, and from_pretrained keeps a checkpoint's dtype: AdamW
+    stepping bf16 weights at the published learning rate loses most updates to rounding."""
+    mlp = save_mlp_weights(release_vla, tmp_path / "mlp.safetensors")
+    config = training_config(
+        tmp_path / "bf16.yaml",
+        world / "data",
+        training={"max_steps": 2, "save_steps": 2, "bf16": True, "learning_rate": 2e-5},
+    )
+    out = train(config, "stage1", release_vla, tmp_path / "work", tmp_path / "out", mlp_weights=mlp)
+    before = {name: tensor.float() for name, tensor in load_file(mlp).items()}
+    after = load_file(out / "model.safetensors")
+    assert all(tensor.dtype == torch.float32 for tensor in after.values())
+    for layer in range(2):
+        trained = after[EXPERT.format(layer=layer, expert=1)]
+        initial = before[f"model.language_model.layers.{layer}.mlp.down_proj.weight"]
+        assert (trained != initial).float().mean() > 0.9  # in bf16, most of them would not move at all
+
+
+def test_the_published_recipe_clips_nothing_and_reduces_in_large_fp32_buckets(tmp_path):
+    settings = stage_settings(load_config(REPO / "config" / "chatvla_2b.yaml"), "stage1")
+    deepspeed = training_arguments(settings, tmp_path).hf_deepspeed_config.config
+    assert settings["max_grad_norm"] == 0 and deepspeed["gradient_clipping"] == 0  # upstream never clips
+    assert deepspeed["communication_data_type"] == "fp32"
+    zero = deepspeed["zero_optimization"]
+    assert zero["stage"] == 2 and zero["reduce_bucket_size"] >= 1e8 and zero["allgather_bucket_size"] >= 1e8
+    clipped = training_arguments({**settings, "max_grad_norm": 1.0}, tmp_path).hf_deepspeed_config.config
+    assert clipped["gradient_clipping"] == 1.0  # DeepSpeed follows the config's key
+
+
+def test_deepspeeds_launcher_argument_is_accepted_before_the_subcommand():
+    arguments = ["--local_rank=1", "train", "--config", "c.yaml", "--stage", "stage1"]
+    arguments += ["--init", "i", "--workdir", "w", "--out", "o"]
+    assert build_parser().parse_args(arguments).command == "train"

@@ -118,7 +118,7 @@ def test_the_launcher_starts_training_under_torchrun(tmp_path):
     [
         (
             {"kind": "deepspeed", "processes_per_node": 8},
-            "deepspeed --num_gpus 8 --master_port 29500 --module vlaflow.cli train",
+            "deepspeed --num_gpus 8 --master_port 29500 --no_local_rank --module vlaflow.cli train",
             "gpu=8",
         ),
         (

@@ -38,6 +38,7 @@ def training_config(path: Path, root: Path, *, training: dict | None = None, sta
             "per_device_batch_size": 4,
             "learning_rate": 3e-3,
             "lr_scheduler": "constant",
+            "max_grad_norm": 1.0,  # clipped, as the embedded default at its high learning rate
             "save_steps": 10,
             "logging_steps": 1,
             "num_workers": 0,

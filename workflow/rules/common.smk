@@ -92,7 +92,9 @@ def launch(stage_command):
     if launcher["kind"] == "torchrun":
         return f"torchrun --nproc-per-node {per_node} --master-port {port} {entry}"
     if launcher["kind"] == "deepspeed":
-        return f"deepspeed --num_gpus {per_node} --master_port {port} --module vlaflow.cli {stage_command}"
+        # without --no_local_rank, the launcher appends --local_rank=N to vlaflow's arguments;
+        # each process reads its rank from LOCAL_RANK, which the launcher sets either way
+        return f"deepspeed --num_gpus {per_node} --master_port {port} --no_local_rank --module vlaflow.cli {stage_command}"
     if launcher["kind"] == "srun":
         rendezvous = f"--rdzv-backend c10d --rdzv-endpoint $(hostname):{port}"
         return f"srun --nodes {nodes} --ntasks-per-node 1 torchrun --nnodes {nodes} --nproc-per-node {per_node} {rendezvous} {entry}"

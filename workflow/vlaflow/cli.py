@@ -68,6 +68,8 @@ def _data_easy_vqa(args) -> None:
         max_turns=args.max_turns,
         multiple_choice=args.multiple_choice,
         options=args.options,
+        image_sizes=args.image_sizes,
+        text_only=args.text_only,
     )
     build_easy_vqa_benchmark(args.benchmark_out, limit=args.benchmark_questions, seed=args.seed, options=args.options)
     print(f"easy-vqa training conversations in {args.train_out}, benchmark in {args.benchmark_out}")
@@ -142,6 +144,13 @@ def _report(args) -> None:
     print(f"report written to {out / 'report.html'} and {out / 'report.md'}")
 
 
+def _image_size(text: str) -> tuple[int, int]:
+    height, _, width = text.partition("x")
+    if not (height.isdigit() and width.isdigit() and int(height) > 0 and int(width) > 0):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected HEIGHTxWIDTH, e.g. 480x640")
+    return int(height), int(width)
+
+
 def _add_data_commands(commands) -> None:
     data = commands.add_parser("data", help="build the embedded default's data; check a config's datasets")
     data_commands = data.add_subparsers(dest="data_command", required=True)
@@ -172,6 +181,20 @@ def _add_data_commands(commands) -> None:
         metavar="FRACTION",
         help="share of training questions asked in the benchmark's multiple-choice format, answered by letter",
     )
+    easy_vqa.add_argument(
+        "--image-sizes",
+        type=_image_size,
+        nargs="+",
+        metavar="HxW",
+        help="write the training images as JPEGs at these sizes, in turn (default: the package's 64x64 PNGs)",
+    )
+    easy_vqa.add_argument(
+        "--text-only",
+        type=float,
+        default=0.0,
+        metavar="FRACTION",
+        help="share of training conversations without an image (questions about the answer words)",
+    )
     easy_vqa.add_argument("--benchmark-questions", type=int, help="questions of the test split to use (default: all)")
     easy_vqa.add_argument("--options", type=int, default=4, help="options per multiple-choice question")
     easy_vqa.add_argument("--seed", type=int, default=0)
@@ -199,6 +222,9 @@ def _add_data_commands(commands) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlaflow", description=__doc__)
+    # DeepSpeed's launcher, unless given --no_local_rank (as the workflow gives it), passes this
+    # before the subcommand; every process takes its rank from LOCAL_RANK instead.
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     commands = parser.add_subparsers(dest="command", required=True)
 
     download = commands.add_parser("download", help="write a backbone folder (builtin tiny model, hub, or local)")

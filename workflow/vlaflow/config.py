@@ -72,6 +72,11 @@ def check_rules(config: dict, source: str = "config") -> None:
             raise ConfigError(f"{source}: stages.{stage}.mix.vl_ratio: must be -1 (all VL data) or >= 0")
 
 
+def stage_settings(config: dict, stage: str) -> dict:
+    """The config's `training` section with the stage's own `training` keys laid over it."""
+    return {**config["training"], **config["stages"][stage].get("training", {})}
+
+
 def write_config(config: dict, path: Path) -> None:
     """Write `config` to `path` as YAML unless the file holds it already. The file is replaced
     in one step: running jobs may be reading it."""

@@ -11,11 +11,19 @@ def available_cpus() -> int:
     return os.cpu_count() or 1
 
 
+def local_processes() -> int:
+    """Processes of this job on this machine: set by torchrun (LOCAL_WORLD_SIZE) and DeepSpeed's
+    launcher (LOCAL_SIZE); 1 for a process started alone."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
+
+
 def limit_torch_threads() -> None:
-    """At most one PyTorch thread per available CPU. Snakemake sets OMP_NUM_THREADS to a rule's
-    threads, which may exceed the machine's CPUs (`--cores 8` on a laptop); with more OpenMP
-    threads than CPUs they spin against each other and a job runs several times slower."""
+    """At most one PyTorch thread per available CPU, shared among the job's processes on this
+    machine. Snakemake sets OMP_NUM_THREADS to a rule's threads, which may exceed the machine's
+    CPUs (`--cores 8` on a laptop), and every launched rank inherits it; with more OpenMP threads
+    than CPUs they spin against each other and a job runs several times slower."""
     import torch
 
-    if torch.get_num_threads() > available_cpus():
-        torch.set_num_threads(available_cpus())
+    share = max(1, available_cpus() // local_processes())
+    if torch.get_num_threads() > share:
+        torch.set_num_threads(share)

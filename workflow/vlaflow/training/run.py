@@ -20,16 +20,17 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from accelerate.utils import DistributedType
-from transformers import AutoProcessor, set_seed
+from transformers import set_seed
 
 import vlaflow.models  # noqa: F401  (registers the model and processor classes)
 from vlaflow.backbone.mlp_weights import load_vla_with_moe_init
-from vlaflow.config import load_config
+from vlaflow.config import load_config, stage_settings
 from vlaflow.data.collator import ROBOT_DIMENSIONS, Collator
 from vlaflow.data.stage_data import build_stage_data
 from vlaflow.data.stats import NormStats
 from vlaflow.errors import VlaflowError
 from vlaflow.models.qwen2_vla import ROBOT_EXPERT, Qwen2VLAForConditionalGeneration
+from vlaflow.models.qwen2_vla.processing_qwen2_vla import load_processor
 from vlaflow.training.callbacks import MetricsLog, StopOnSignal, truncate_log
 from vlaflow.training.checkpoints import (
     CHECKPOINT,
@@ -40,15 +41,23 @@ from vlaflow.training.checkpoints import (
     export_model,
     latest_checkpoint,
 )
-from vlaflow.training.settings import STAGES, stage_settings, training_arguments
+from vlaflow.training.settings import STAGES, training_arguments
 from vlaflow.training.trainer import VLATrainer
 
 logger = logging.getLogger(__name__)
 SAMPLES_LOG = "samples-rank{rank}.jsonl"
 
 
+def master_dtype(settings: dict) -> torch.dtype:
+    """The dtype the weights are loaded in. DeepSpeed with bf16 keeps fp32 master weights in its
+    optimizer, so the model may load in bf16; otherwise the optimizer steps the model's own
+    weights, which must be fp32 (autocast runs the bf16 arithmetic): AdamW's updates at lr 2e-5
+    round away on most bf16 weights."""
+    return torch.bfloat16 if settings["bf16"] and settings["deepspeed"] else torch.float32
+
+
 def load_stage_model(stage: str, init: Path, mlp_weights: Path | None, settings: dict):
-    kwargs = {"attn_implementation": settings["attn_implementation"]}
+    kwargs = {"attn_implementation": settings["attn_implementation"], "dtype": master_dtype(settings)}
     if mlp_weights is not None:
         model = load_vla_with_moe_init(init, mlp_weights, **kwargs)
     elif stage == "stage1":
@@ -126,14 +135,14 @@ def train(config_path: Path, stage: str, init: Path, workdir: Path, out: Path, m
     settings = stage_settings(config, stage)
     set_seed(settings["seed"])
 
-    processor = AutoProcessor.from_pretrained(init)
+    processor = load_processor(init)
     stats = NormStats.load(init / STATS_FILE) if (init / STATS_FILE).exists() else None
     stage_data = build_stage_data(config, stage, stats=stats, source=str(config_path))
     model = load_stage_model(stage, init, mlp_weights, settings)
     _check_model_matches_config(model, config, init)
 
     _prepare_distributed(settings)
-    args = training_arguments(settings, workdir, stage)
+    args = training_arguments(settings, workdir)
     check_world_size(int(os.environ.get("WORLD_SIZE", 1)), args.world_size)
     if args.should_save:
         workdir.mkdir(parents=True, exist_ok=True)
@@ -159,6 +168,7 @@ def train(config_path: Path, stage: str, init: Path, workdir: Path, out: Path, m
             processing_class=processor,
             callbacks=[MetricsLog(metrics), stop],
             mix=stage_data.mix,
+            data_seed=config["data"]["seed"],
             run_files={"processor": processor, "stats": stage_data.stats or stats, "config": config, "stage": stage},
             samples_log=samples_log,
         )

@@ -8,12 +8,7 @@ from transformers import TrainingArguments
 STAGES = ("vlm", "stage1", "stage2")
 
 
-def stage_settings(config: dict, stage: str) -> dict:
-    """The config's `training` section with the stage's own `training` keys laid over it."""
-    return {**config["training"], **config["stages"][stage].get("training", {})}
-
-
-def training_arguments(settings: dict, workdir: Path, stage: str) -> TrainingArguments:
+def training_arguments(settings: dict, workdir: Path) -> TrainingArguments:
     return TrainingArguments(
         output_dir=str(workdir),
         max_steps=settings["max_steps"],
@@ -27,6 +22,7 @@ def training_arguments(settings: dict, workdir: Path, stage: str) -> TrainingArg
         adam_beta2=settings["adam_beta2"],
         adam_epsilon=settings["adam_epsilon"],
         max_grad_norm=settings["max_grad_norm"],
+        optim=settings["optimizer"],
         save_strategy="steps",
         save_steps=settings["save_steps"],
         save_total_limit=settings["save_total_limit"],
@@ -40,8 +36,9 @@ def training_arguments(settings: dict, workdir: Path, stage: str) -> TrainingArg
         deepspeed=settings["deepspeed"],
         # the collator's keys are the model's inputs; Trainer must not filter them
         remove_unused_columns=False,
-        # stage 2 batches may hold no robot (or no VL) sample, leaving the head (or an expert) unused
-        ddp_find_unused_parameters=stage == "stage2",
+        # every trainable module takes part in every training batch (the model sees to it), so
+        # DDP need not search the graph for unused parameters
+        ddp_find_unused_parameters=False,
         # without it accelerate leaves CPU processes unconnected, each training alone
         use_cpu=not torch.cuda.is_available(),
         report_to=["tensorboard"],

@@ -7,6 +7,7 @@ import signal
 from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
@@ -20,6 +21,13 @@ from vlaflow.training.checkpoints import mark_complete, write_run_files
 LOSS_COMPONENTS = ("action_loss", "reasoning_loss", "vl_loss", "text_only_loss")
 
 
+def noise_seed(seed: int, rank: int, step: int, draw: int) -> int:
+    """The seed of the diffusion noise and timesteps of one forward pass: distinct per rank (every
+    rank seeds its global RNG alike, so with it 8 ranks would draw the same noise 8 times), per
+    optimizer step and per micro-batch within it, and the same again when a run resumes."""
+    return int(np.random.SeedSequence([seed, rank, step, draw]).generate_state(1)[0])
+
+
 def _ignore_stop_signals(worker_id: int) -> None:
     """Data workers leave SIGTERM to the training process, which saves before it exits."""
     for number in (signal.SIGTERM, signal.SIGUSR1):
@@ -27,26 +35,29 @@ def _ignore_stop_signals(worker_id: int) -> None:
 
 
 class VLATrainer(Trainer):
-    def __init__(self, *args, mix: Mix | None, run_files: dict, samples_log: Path, **kwargs):
+    def __init__(self, *args, mix: Mix | None, data_seed: int, run_files: dict, samples_log: Path, **kwargs):
         super().__init__(*args, **kwargs)
         self.mix = mix
+        self.data_seed = data_seed
         self.run_files = run_files
         self.samples_log = Path(samples_log)
         self.components = defaultdict(list)
+        self._draw = (-1, 0)  # (optimizer step, index of the forward pass within it)
         # compute_loss normalises over the global batch itself; Trainer must neither count label
         # tokens for the model nor rescale the loss, except for gradient accumulation.
         self.model_accepts_loss_kwargs = False
         self.loss_is_scaled_for_ga = False
 
     def get_train_dataloader(self) -> DataLoader:
-        """This rank's batches, already composed by the mix: no further sharding or shuffling."""
+        """This rank's batches, already composed by the mix and ordered by the config's data seed
+        (as `vlaflow data check` shows them): no further sharding or shuffling."""
         args = self.args
         batches = args.max_steps * args.gradient_accumulation_steps
         sampler = MixSampler(
             self.train_dataset,
             self.mix,
             batch_size=args.per_device_train_batch_size,
-            seed=args.seed,
+            seed=self.data_seed,
             rank=args.process_index,
             world_size=args.world_size,
             num_samples=batches * args.per_device_train_batch_size,
@@ -76,10 +87,19 @@ class VLATrainer(Trainer):
         scales = torch.where(total > 0, local * world_size / total.clamp(min=1), torch.zeros_like(local))
         return float(scales[0]), float(scales[1])
 
+    def _noise_generator(self, device: torch.device) -> tuple[torch.Generator, int]:
+        step = self.state.global_step
+        draw = self._draw[1] + 1 if self._draw[0] == step else 0
+        self._draw = (step, draw)
+        seed = noise_seed(self.args.seed, self.args.process_index, step, draw)
+        return torch.Generator(device=device).manual_seed(seed), seed
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         sources = inputs.pop("sources", None)
-        if sources is not None and model.training:
-            self._log_sources(sources)
+        if model.training:
+            inputs["noise_generator"], seed = self._noise_generator(inputs["input_ids"].device)
+            if sources is not None:
+                self._log_sources(sources, seed)
         outputs = model(**inputs)
         action_scale, token_scale = self._global_scales(inputs)
         vl_weight = self.mix.vl_loss_weight if self.mix is not None else 1.0
@@ -92,9 +112,10 @@ class VLATrainer(Trainer):
                 self.components[name].append(value.detach() * scale)
         return (loss, outputs) if return_outputs else loss
 
-    def _log_sources(self, sources: list[str]) -> None:
+    def _log_sources(self, sources: list[str], noise_seed: int) -> None:
+        entry = {"step": self.state.global_step + 1, "sources": sources, "noise_seed": noise_seed}
         with self.samples_log.open("a") as file:
-            file.write(json.dumps({"step": self.state.global_step + 1, "sources": sources}) + "\n")
+            file.write(json.dumps(entry) + "\n")
 
     def log(self, logs: dict, start_time: float | None = None) -> None:
         """Training logs carry the loss and its components over the global batch (Trainer's own
