@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.data_factory import make_config, make_data_root, make_episode
+from tests.conftest import random_image
+from tests.data_factory import image_names, make_config, make_data_root, make_episode
 from vlaflow.cli import main
 from vlaflow.config import load_config
 from vlaflow.data.check import check_vl
@@ -183,3 +184,36 @@ def test_image_sampling_limits_which_entries_are_decoded(world):
     assert check_vl(entry, config, image_sample=0).problems == []
     sampled = check_vl(entry, config, image_sample=3)
     assert 1 <= len(sampled.problems) <= 3 and sampled.items == 8 - len(sampled.problems)
+
+
+def test_samples_training_would_skip_are_counted_and_vl_image_size_bounds_them(world, capsys, vla_folder, tmp_path):
+    """Images enter at native size unless data.vl_image_size bounds them; a sample whose image
+    tokens reach past data.max_length is skipped in training, which the check counts beforehand."""
+    root, config = world
+    entries = json.loads((root / "vl_a" / "train.json").read_text())
+    for name in image_names(entries):
+        random_image(0, (128, 128)).save(root / "vl_a" / "images" / name)  # 64 image tokens each
+    settings = yaml.safe_load(config.read_text())
+    settings["data"]["max_length"] = 60
+    config.write_text(yaml.safe_dump(settings))
+    code, output = run_check(capsys, config, "--model", str(vla_folder))
+    assert code == 0, output
+    vl_row = next(line for line in output.splitlines() if line.startswith("vl_a"))
+    assert vl_row.rstrip().endswith("6 of 8")  # every sample with an image
+    assert "note: vl_a: 6 of 8 checked samples are longer than data.max_length=60" in output
+
+    settings["data"]["vl_image_size"] = [32, 32]  # 4 image tokens
+    config.write_text(yaml.safe_dump(settings))
+    code, output = run_check(capsys, config, "--model", str(vla_folder))
+    vl_row = next(line for line in output.splitlines() if line.startswith("vl_a"))
+    assert code == 0 and vl_row.rstrip().endswith("0 of 8") and "note:" not in output
+
+
+def test_a_per_batch_mix_is_checked_like_a_per_epoch_one(world, capsys):
+    root, config = world
+    settings = yaml.safe_load(config.read_text())
+    settings["stages"]["stage2"]["mix"] = {"vl_batch_fraction": 0.5}
+    config.write_text(yaml.safe_dump(settings))
+    code, output = run_check(capsys, config)
+    assert code == 0, output
+    assert "one epoch of its mix: 24 robot + 24 VL" in output  # 20 robot timesteps in batches of 16, half VL

@@ -19,7 +19,17 @@ if embedded("easy_vqa"):
             options=lambda w: (
                 f"--train-images {embedded('easy_vqa')['train_images']} "
                 f"--benchmark-questions {embedded('easy_vqa')['benchmark_questions']} "
-                f"--multiple-choice {embedded('easy_vqa')['multiple_choice']} --seed {embedded('easy_vqa')['seed']}"
+                f"--multiple-choice {embedded('easy_vqa')['multiple_choice']} --seed {embedded('easy_vqa')['seed']} "
+                f"--text-only {embedded('easy_vqa')['text_only']}"
+                + (
+                    " --image-sizes "
+                    + " ".join(
+                        f"{height}x{width}"
+                        for height, width in embedded("easy_vqa")["image_sizes"]
+                    )
+                    if embedded("easy_vqa")["image_sizes"]
+                    else ""
+                )
             ),
         shell:
             "vlaflow data easy-vqa {output.train} {output.benchmark} {params.options} > {log} 2>&1"

@@ -10,11 +10,12 @@ from pathlib import Path
 
 import numpy as np
 
-from vlaflow.config import load_config
+from vlaflow.config import load_config, stage_settings
 from vlaflow.data.conversations import open_image, parse_entry, read_annotation
 from vlaflow.data.mixing import MixSampler, epoch_order
 from vlaflow.data.registry import ROBOT, VL, RobotEntry, VLEntry
 from vlaflow.data.robot_dataset import check_frames_decode, inspect_episode, list_episode_files
+from vlaflow.data.samples import VLSample
 from vlaflow.data.stage_data import build_stage_data, load_registry, robot_spec, stage_selections
 from vlaflow.data.stats import compute_stats
 from vlaflow.errors import VlaflowError
@@ -32,6 +33,8 @@ class DatasetSummary:
     images_per_sample: set = field(default_factory=set)
     cameras: str = ""
     dims: str = ""
+    checked: int = 0  # samples encoded with the model's processor
+    too_long: int = 0  # of those, samples training would skip
     problems: list[str] = field(default_factory=list)
 
     def row(self) -> list[str]:
@@ -53,11 +56,23 @@ class DatasetSummary:
                 images,
                 self.cameras,
                 self.dims,
+                "",
             ]
-        return [self.name, self.kind, f"{self.items} samples", "", f"{self.text_only} text-only", images, "", ""]
+        too_long = f"{self.too_long} of {self.checked}" if self.checked else ""
+        return [
+            self.name,
+            self.kind,
+            f"{self.items} samples",
+            "",
+            f"{self.text_only} text-only",
+            images,
+            "",
+            "",
+            too_long,
+        ]
 
 
-HEADER = ["dataset", "kind", "size", "frames", "text-only", "images/sample", "cameras", "action/state dims"]
+HEADER = ["dataset", "kind", "size", "frames", "text-only", "images/sample", "cameras", "action/state dims", "too long"]
 
 
 def _sampled(count: int, sample: int | None, seed: int) -> set[int]:
@@ -94,8 +109,11 @@ def check_robot(entry: RobotEntry, config: dict, image_sample: int | None) -> Da
     return summary
 
 
-def check_vl(entry: VLEntry, config: dict, image_sample: int | None) -> DatasetSummary:
+def check_vl(entry: VLEntry, config: dict, image_sample: int | None, collator=None) -> DatasetSummary:
+    """With a collator, the decoded samples are also encoded, and those training would skip
+    (longer than data.max_length with images past the cut) counted."""
     summary = DatasetSummary(entry.name, VL)
+    image_size = tuple(config["data"]["vl_image_size"]) if config["data"]["vl_image_size"] else None
     try:
         entries = read_annotation(entry.annotation)
     except VlaflowError as error:
@@ -110,8 +128,10 @@ def check_vl(entry: VLEntry, config: dict, image_sample: int | None) -> DatasetS
         try:
             conversation = parse_entry(raw, where)
             if index in decode:
-                for image in conversation.images:
-                    open_image(entry.images / image, where)
+                images = [open_image(entry.images / image, where, image_size) for image in conversation.images]
+                if collator is not None:
+                    summary.checked += 1
+                    summary.too_long += not collator.fits(VLSample(images, list(conversation.turns), where))
         except VlaflowError as error:
             summary.problems.append(str(error))
             continue
@@ -128,11 +148,19 @@ def _table(rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def _describe_batch(config: dict, stage: str, model: Path | None, batch_size: int, source: str) -> str:
+def _describe_batch(config: dict, stage: str, collator, batch_size: int, source: str) -> str:
     stage_data = build_stage_data(config, stage, source=source)
     dataset, seed = stage_data.dataset, config["data"]["seed"]
+    # StarVLA's mix is defined per training batch; ChatVLA's vl_ratio per epoch, shown unpadded
+    per_batch_mix = stage_data.mix is not None and stage_data.mix.vl_batch_fraction is not None
     one_epoch = epoch_order(
-        stage_data.mix, dataset.n_robot, dataset.n_vl, batch_size=1, world_size=1, seed=seed, epoch=0
+        stage_data.mix,
+        dataset.n_robot,
+        dataset.n_vl,
+        batch_size=stage_settings(config, stage)["per_device_batch_size"] if per_batch_mix else 1,
+        world_size=1,
+        seed=seed,
+        epoch=0,
     )
     robot_in_epoch = int((one_epoch < dataset.n_robot).sum())
     sampler = MixSampler(dataset, stage_data.mix, batch_size=batch_size, seed=seed)
@@ -143,18 +171,14 @@ def _describe_batch(config: dict, stage: str, model: Path | None, batch_size: in
             f"one epoch of its mix: {robot_in_epoch} robot + {len(one_epoch) - robot_in_epoch} VL"
         )
     ]
-    if model is None:
+    if collator is None:
         for sample in samples:
             sizes = ", ".join(f"{image.width}x{image.height}" for image in sample.images) or "no image"
             text = getattr(sample, "instruction", None) or sample.turns[0][1]
             lines.append(f"  {sample.source}: {sizes}: {text!r}")
         return "\n".join(lines)
 
-    from vlaflow.data.collator import Collator
-    from vlaflow.models.qwen2_vla.processing_qwen2_vla import load_processor
-
-    processor = load_processor(model)
-    collator = Collator.from_config(processor, config)
+    processor = collator.processor
     batch = collator(samples)
     for key, value in batch.items():
         lines.append(f"  {key}: {tuple(value.shape)} {str(value.dtype).removeprefix('torch.')}")
@@ -181,17 +205,32 @@ def check_data(
                 used.update({selection.entry.name: selection.entry for selection in selections})
         except VlaflowError as error:
             problems.append(str(error))
+    collator = None
+    if model is not None:
+        from vlaflow.data.collator import Collator
+        from vlaflow.models.qwen2_vla.processing_qwen2_vla import load_processor
+
+        collator = Collator.from_config(load_processor(model), config)
     summaries = [
-        (check_robot if entry.kind == ROBOT else check_vl)(entry, config, image_sample) for entry in used.values()
+        check_robot(entry, config, image_sample)
+        if entry.kind == ROBOT
+        else check_vl(entry, config, image_sample, collator)
+        for entry in used.values()
     ]
     out(_table([HEADER] + [summary.row() for summary in summaries]))
     for summary in summaries:
         problems += summary.problems
+        if summary.too_long:
+            out(
+                f"note: {summary.name}: {summary.too_long} of {summary.checked} checked samples are longer than "
+                f"data.max_length={config['data']['max_length']} with images past the cut; training skips them "
+                "(raise data.max_length, or bound the images with data.vl_image_size)"
+            )
     for problem in problems[:MAX_PROBLEMS_SHOWN]:
         out(f"problem: {problem}")
     if len(problems) > MAX_PROBLEMS_SHOWN:
         out(f"... and {len(problems) - MAX_PROBLEMS_SHOWN} more problems")
     if not problems:
         for stage in config["stages"]:
-            out(_describe_batch(config, stage, model, batch_size, source))
+            out(_describe_batch(config, stage, collator, batch_size, source))
     return problems

@@ -140,24 +140,35 @@ class Collator:
                 yield answer[answer_end:], False
             rendered = full
 
-    def _fit(self, encoded: _Encoded, sample) -> _Encoded | None:
+    def fits(self, sample: RobotSample | VLSample) -> bool:
+        """Whether a batch keeps `sample` (whole, or cut after its images) rather than skipping it."""
+        return self._cut(self.encode(sample)) is not None
+
+    def _cut(self, encoded: _Encoded) -> int | None:
+        """The length a sample keeps: all of it, or `max_length` if that cuts after its last image
+        token and the token closing it; None if its images reach past the cut."""
         length = len(encoded.input_ids)
         if length <= self.max_length:
-            return encoded
+            return length
         image_positions = np.flatnonzero(np.asarray(encoded.input_ids) == self.image_token_id)
-        # Cut after the last image token plus its closing token, or not at all.
         if len(image_positions) and image_positions[-1] + 1 >= self.max_length:
+            return None
+        return self.max_length
+
+    def _fit(self, encoded: _Encoded, sample) -> _Encoded | None:
+        cut = self._cut(encoded)
+        if cut is None:
             self.skipped += 1
             logger.warning(
                 "skipped %s: %d tokens, over max_length %d with image tokens past the cut (%d skipped so far)",
                 sample.source,
-                length,
+                len(encoded.input_ids),
                 self.max_length,
                 self.skipped,
             )
             return None
-        encoded.input_ids = encoded.input_ids[: self.max_length]
-        encoded.labels = encoded.labels[: self.max_length]
+        encoded.input_ids = encoded.input_ids[:cut]
+        encoded.labels = encoded.labels[:cut]
         return encoded
 
     def _pad(self, encoded: list[_Encoded]) -> dict[str, torch.Tensor]:

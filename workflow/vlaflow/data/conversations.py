@@ -13,6 +13,7 @@ from pathlib import Path
 from PIL import Image
 from torch.utils.data import Dataset
 
+from vlaflow.data.images import resize
 from vlaflow.data.samples import VLSample
 from vlaflow.errors import VlaflowError
 
@@ -108,11 +109,15 @@ def load_conversations(annotation: Path) -> list[Conversation]:
     return conversations
 
 
-def open_image(path: Path, where: str) -> Image.Image:
-    """An image as RGB, decoded now so a broken file fails here, naming the entry it belongs to."""
+def open_image(path: Path, where: str, size: tuple[int, int] | None = None) -> Image.Image:
+    """An image as RGB, decoded now so a broken file fails here, naming the entry it belongs to;
+    with `size` (height, width), resized to it (a JPEG decodes at a reduced scale when it can)."""
     try:
         with Image.open(path) as image:
-            return image.convert("RGB")
+            if size is not None:
+                image.draft("RGB", (size[1], size[0]))
+            image = image.convert("RGB")
+            return image if size is None else resize(image, size)
     except FileNotFoundError:
         raise VlaflowError(f"{path}: image of {where}: file missing") from None
     except OSError as error:
@@ -120,11 +125,13 @@ def open_image(path: Path, where: str) -> Image.Image:
 
 
 class VLConversationDataset(Dataset):
-    """The conversations of one annotation file; images are read when a sample is drawn."""
+    """The conversations of one annotation file; images are read when a sample is drawn, and
+    resized to `image_size` (height, width) when it is given."""
 
-    def __init__(self, annotation: Path, image_root: Path):
+    def __init__(self, annotation: Path, image_root: Path, image_size: tuple[int, int] | None = None):
         self.annotation = Path(annotation)
         self.image_root = Path(image_root)
+        self.image_size = image_size
         self.conversations = load_conversations(self.annotation)
         if not self.conversations:
             raise VlaflowError(f"{self.annotation}: no conversation entries")
@@ -137,5 +144,5 @@ class VLConversationDataset(Dataset):
 
     def __getitem__(self, index: int) -> VLSample:
         conversation = self.conversations[index]
-        images = [open_image(path, conversation.where) for path in self.image_paths(index)]
+        images = [open_image(path, conversation.where, self.image_size) for path in self.image_paths(index)]
         return VLSample(images=images, turns=list(conversation.turns), source=conversation.where)

@@ -4,8 +4,8 @@ VLMEvalKit multiple-choice benchmark: the embedded default's vision-language dat
 Training folder, from the train split (4,000 images, 38,575 questions):
 
     out_dir/
-      images/<image_id>.png     copies of the package's images
-      easy_vqa_train.json       LLaVA list: one multi-turn conversation per image
+      images/<image_id>.png     copies of the package's images (JPEGs at other sizes on request)
+      easy_vqa_train.json       LLaVA list: one multi-turn conversation per image (some text-only on request)
 
 Benchmark, from the test split (1,000 images, 9,673 questions): one VLMEvalKit TSV, by
 convention `LMUData/EasyVQA.tsv`, with columns `index`, `image`, `question`, `A`..,
@@ -47,6 +47,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import easy_vqa
+from PIL import Image
 
 from vlaflow.data.conversations import IMAGE_PLACEHOLDER
 from vlaflow.data.language import multiple_choice_prompt
@@ -93,14 +94,22 @@ def build_easy_vqa_train(
     max_turns: int = DEFAULT_MAX_TURNS,
     multiple_choice: float = 0.0,
     options: int = 4,
+    image_sizes: list[tuple[int, int]] | None = None,
+    text_only: float = 0.0,
 ) -> Path:
     """Write the LLaVA training folder: for each of `limit` images (all when None), up to
     `max_turns` of its questions in a shuffled order, the bare answer word as the reply. A
     `multiple_choice` fraction of the questions is asked in VLMEvalKit's multiple-choice format
-    instead and answered with the option's letter, as LLaVA's instruction mix does with A-OKVQA."""
+    instead and answered with the option's letter, as LLaVA's instruction mix does with A-OKVQA.
+
+    Real instruction mixes are less uniform than easy-vqa's 64x64 PNGs; two options make the data
+    look like them. With `image_sizes` ((height, width) pairs), the images are written as JPEGs
+    at those sizes in turn. A `text_only` fraction of the entries has no image: it asks which
+    group the answer words belong to, as the text-only conversations of LLaVA's mix do."""
     _require_positive(limit=limit, max_turns=max_turns)
-    if not 0 <= multiple_choice <= 1:
-        raise VlaflowError(f"multiple_choice={multiple_choice}: a fraction between 0 and 1")
+    for name, fraction in (("multiple_choice", multiple_choice), ("text_only", text_only)):
+        if not 0 <= fraction <= 1:
+            raise VlaflowError(f"{name}={fraction}: a fraction between 0 and 1")
     questions, answers, image_ids = easy_vqa.get_train_questions()
     pairs_by_image = defaultdict(list)
     for question, answer, image_id in zip(questions, answers, image_ids):
@@ -112,14 +121,18 @@ def build_easy_vqa_train(
     with atomic_directory(out_dir) as staging:
         (staging / IMAGES_FOLDER).mkdir()
         entries = []
-        for image_id in chosen_images:
-            image_name = f"{image_id}.png"
-            shutil.copyfile(image_paths[image_id], staging / IMAGES_FOLDER / image_name)
+        for number, image_id in enumerate(chosen_images):
             rng = random.Random(f"{seed}:{image_id}")
             pairs = rng.sample(pairs_by_image[image_id], min(max_turns, len(pairs_by_image[image_id])))
+            if rng.random() < text_only:
+                turns = _turns([_as_text_only(answer, rng) for _, answer in pairs], with_image=False)
+                entries.append({"id": f"easy_vqa_text_{image_id}", "conversations": turns})
+                continue
             pairs = [
                 _as_multiple_choice(*pair, options, rng) if rng.random() < multiple_choice else pair for pair in pairs
             ]
+            size = image_sizes[number % len(image_sizes)] if image_sizes else None
+            image_name = _write_image(image_paths[image_id], staging / IMAGES_FOLDER, image_id, size)
             entries.append({"id": f"easy_vqa_train_{image_id}", "image": image_name, "conversations": _turns(pairs)})
         (staging / TRAIN_JSON).write_text(json.dumps(entries, indent=1, ensure_ascii=False), encoding="utf-8")
     return out_dir
@@ -171,10 +184,32 @@ def _as_multiple_choice(question: str, answer: str, options: int, rng: random.Ra
     return prompt, letters[choices.index(answer)]
 
 
-def _turns(pairs: list[tuple[str, str]]) -> list[dict]:
+def _write_image(source: str, folder: Path, image_id, size: tuple[int, int] | None) -> str:
+    if size is None:
+        shutil.copyfile(source, folder / f"{image_id}.png")
+        return f"{image_id}.png"
+    height, width = size
+    with Image.open(source) as image:
+        image.convert("RGB").resize((width, height), Image.Resampling.BICUBIC).save(
+            folder / f"{image_id}.jpg", quality=90
+        )
+    return f"{image_id}.jpg"
+
+
+def _as_text_only(answer: str, rng: random.Random) -> tuple[str, str]:
+    """A question answered from the text alone: which group an answer word belongs to."""
+    groups = [group for group in ANSWER_GROUPS if group != "yes/no"]
+    category = answer_category(answer)
+    if category not in groups:  # yes/no: ask about a word of another group
+        category = rng.choice(groups)
+        answer = rng.choice(ANSWER_GROUPS[category])
+    return f"Is {answer} a {' or a '.join(groups)}?", category
+
+
+def _turns(pairs: list[tuple[str, str]], with_image: bool = True) -> list[dict]:
     turns = []
     for number, (question, answer) in enumerate(pairs):
-        prompt = f"{IMAGE_PLACEHOLDER}\n{question}" if number == 0 else question
+        prompt = f"{IMAGE_PLACEHOLDER}\n{question}" if number == 0 and with_image else question
         turns += [{"from": "human", "value": prompt}, {"from": "gpt", "value": answer}]
     return turns
 

@@ -85,8 +85,13 @@ def build_stage_data(
             episodes[selection.entry.name], spec, stats, augment=data["augment"], seed=data["seed"]
         )
         robot_parts.append(_selected(dataset, selection, data["seed"]))
+    vl_image_size = tuple(data["vl_image_size"]) if data["vl_image_size"] else None
     vl_parts = [
-        _selected(VLConversationDataset(selection.entry.annotation, selection.entry.images), selection, data["seed"])
+        _selected(
+            VLConversationDataset(selection.entry.annotation, selection.entry.images, vl_image_size),
+            selection,
+            data["seed"],
+        )
         for selection in selections[VL]
     ]
     mixed = MixedDataset(
