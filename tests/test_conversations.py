@@ -3,6 +3,7 @@
 import json
 
 import pytest
+from PIL import Image
 
 from tests.data_factory import image_names, vl_entries, write_images
 from vlaflow.data.conversations import VLConversationDataset, load_conversations, parse_entry
@@ -119,3 +120,16 @@ def test_dataset_samples_open_their_images_in_order(tmp_path):
     (tmp_path / "images/img/1b.png").unlink()
     with pytest.raises(VlaflowError, match="img/1b.png: image of .*a.json: entry 1 \\(id 1\\): file missing"):
         dataset[1]
+
+
+def test_dataset_resizes_images_to_the_configured_size(tmp_path):
+    entries = vl_entries(4)
+    (tmp_path / "a.json").write_text(json.dumps(entries))
+    write_images(tmp_path / "images", image_names(entries))
+    Image.new("RGB", (640, 480), "red").save(tmp_path / "images/img/0.jpg")  # a photo-sized JPEG
+    entries[0]["image"] = "img/0.jpg"
+    (tmp_path / "a.json").write_text(json.dumps(entries))
+    dataset = VLConversationDataset(tmp_path / "a.json", tmp_path / "images", image_size=(24, 40))
+    assert [image.size for index in range(4) for image in dataset[index].images] == [(40, 24)] * 4
+    red, green, blue = dataset[0].images[0].getpixel((20, 12))
+    assert red > 240 and green < 16 and blue < 16

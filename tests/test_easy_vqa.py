@@ -298,3 +298,24 @@ def test_a_share_of_training_questions_is_asked_as_the_benchmark_asks(tmp_path, 
             assert options[reply["value"]] == train_answers[image_id][question]
             assert {answer_category(option) for option in options.values()} == {answer_category(options["A"])}
     assert 0.3 < lettered / turns < 0.7
+
+
+def test_images_at_native_sizes_and_text_only_conversations(tmp_path, train_answers):
+    sizes = [(48, 64), (480, 640), (768, 1024)]
+    build_easy_vqa_train(tmp_path / "varied", limit=40, seed=0, image_sizes=sizes, text_only=0.25)
+    entries = json.loads((tmp_path / "varied" / TRAIN_JSON).read_text())
+    dataset = VLConversationDataset(tmp_path / "varied" / TRAIN_JSON, tmp_path / "varied" / "images")
+    with_image = [index for index, entry in enumerate(entries) if "image" in entry]
+    text_only = [entries[index] for index in range(len(entries)) if index not in with_image]
+    assert 0.1 < len(text_only) / len(entries) < 0.45
+    seen = {dataset[index].images[0].size for index in with_image}
+    assert seen == {(width, height) for height, width in sizes}
+    assert all(entries[index]["image"].endswith(".jpg") for index in with_image)
+    for entry in text_only:
+        for prompt, reply in zip(entry["conversations"][::2], entry["conversations"][1::2]):
+            word = prompt["value"].removeprefix("Is ").split(" a ")[0]
+            assert "<image>" not in prompt["value"] and answer_category(word) == reply["value"]
+    for index in with_image[:5]:  # the questions are still about the image
+        image_id = int(entries[index]["image"].removesuffix(".jpg"))
+        first = entries[index]["conversations"][0]["value"].removeprefix("<image>\n")
+        assert first in train_answers[image_id] or "Options:" in first

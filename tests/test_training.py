@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -27,6 +28,8 @@ from tests.training_helpers import (
 from vlaflow.backbone.mlp_weights import save_mlp_weights
 from vlaflow.cli import build_parser
 from vlaflow.config import load_config, stage_settings
+from vlaflow.data.mixing import MixSampler
+from vlaflow.data.stage_data import build_stage_data
 from vlaflow.data.stats import NormStats
 from vlaflow.errors import VlaflowError
 from vlaflow.training.checkpoints import COMPLETE_MARKER, METRICS_FILE, STATS_FILE, latest_checkpoint
@@ -345,3 +348,15 @@ def test_deepspeeds_launcher_argument_is_accepted_before_the_subcommand():
     arguments = ["--local_rank=1", "train", "--config", "c.yaml", "--stage", "stage1"]
     arguments += ["--init", "i", "--workdir", "w", "--out", "o"]
     assert build_parser().parse_args(arguments).command == "train"
+
+
+def test_the_sample_order_follows_the_data_seed_as_data_check_shows_it(world, vla_folder, mlp_weights, tmp_path):
+    config = training_config(tmp_path / "config.yaml", world / "data", training={"max_steps": 1, "save_steps": 1})
+    settings = yaml.safe_load(config.read_text())
+    settings["data"]["seed"] = 7  # the training seed stays 0
+    config.write_text(yaml.safe_dump(settings))
+    train(config, "vlm", vla_folder, tmp_path / "work", tmp_path / "out", mlp_weights=mlp_weights)
+    trained = read_sources(tmp_path / "work" / "samples-rank0.jsonl")[1]
+    stage_data = build_stage_data(load_config(config), "vlm")
+    sampler = MixSampler(stage_data.dataset, stage_data.mix, batch_size=4, seed=7)
+    assert trained == [stage_data.dataset[index].source for index in list(sampler)[:4]]

@@ -15,12 +15,15 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from tests.benchmarks.upstream_blend import use_blended_moe
-from tests.conftest import Sample, make_batch, random_image
+from tests.conftest import random_image
 from vlaflow.backbone.download import BUILTIN_TINY, download
 from vlaflow.backbone.vla_config import vla_config_dict
+from vlaflow.data.collator import Collator
+from vlaflow.data.samples import RobotSample, VLSample
 from vlaflow.models.qwen2_vla import ROBOT_EXPERT, VL_EXPERT, Qwen2VLAConfig, Qwen2VLAForConditionalGeneration
 from vlaflow.models.qwen2_vla.processing_qwen2_vla import Qwen2VLAProcessor
 
@@ -88,20 +91,26 @@ def time_interleaved(models: dict, batch: dict, steps: int, device: str) -> dict
 
 
 def mixed_batch(processor, batch_size: int) -> dict:
+    """Half vision-language, half robot samples, one 64x64 image each, through the collator."""
+    rng = np.random.default_rng(0)
     samples = []
     for index in range(batch_size):
-        route = VL_EXPERT if index % 2 == 0 else ROBOT_EXPERT
-        answer = "red" if route == VL_EXPERT else "Lift the cube and move it to the middle. Next action:"
-        samples.append(Sample([random_image(index)], "what color is the shape in the image?", answer, route))
-    batch = make_batch(processor, samples)
-    chunk = 16
-    generator = torch.Generator().manual_seed(0)
-    batch.update(
-        actions=torch.rand(batch_size, chunk, 14, generator=generator) * 2 - 1,
-        states=torch.randn(batch_size, 14, generator=generator),
-        is_pad=torch.zeros(batch_size, chunk, dtype=torch.bool),
-    )
-    return batch
+        question = "what color is the shape in the image?"
+        if index % 2 == 0:
+            turns = [("user", f"<image>\n{question}"), ("assistant", "red")]
+            samples.append(VLSample([random_image(index)], turns, f"vl {index}"))
+            continue
+        robot = RobotSample(
+            images=[random_image(index)],
+            state=rng.normal(size=14).astype(np.float32),
+            actions=rng.uniform(-1, 1, (16, 14)).astype(np.float32),
+            is_pad=np.zeros(16, dtype=bool),
+            instruction=question,
+            reasoning="Lift the cube and move it to the middle.",
+            source=f"robot {index}",
+        )
+        samples.append(robot)
+    return Collator(processor, max_length=512, action_dim=14, state_dim=14, chunk_size=16)(samples)
 
 
 def main() -> None:
