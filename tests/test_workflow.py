@@ -1,15 +1,17 @@
 """The Snakemake workflow, run for real on a tiny configuration: targets, partial reruns,
 resuming after the controller is killed, and configuration errors before any job."""
 
+import json
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 import yaml
 
 from tests.workflow_helpers import planned_jobs, snakemake, start_snakemake, tiny_workflow
-from vlaflow.training.checkpoints import COMPLETE_MARKER
+from vlaflow.training.checkpoints import COMPLETE_MARKER, METRICS_FILE
 
 pytestmark = pytest.mark.slow
 
@@ -66,6 +68,71 @@ def test_changing_an_evaluation_setting_reruns_only_evaluation(finished):
     jobs = rerun_plan(finished, evaluation__vqa__max_new_tokens=3)
     assert jobs == {"eval_vqa": 3, "report": 1, "all": 1}
     tiny_workflow(finished)  # back to the finished configuration
+
+
+def test_a_changed_stage_setting_retrains_the_stage_rather_than_resuming_its_old_checkpoints(tmp_path):
+    tiny_workflow(tmp_path)
+    assert snakemake(tmp_path, "--cores", "2", "stage2_ckpt").returncode == 0
+    model = tmp_path / "results" / "models" / "stage2"
+    before = (model / "model.safetensors").read_bytes()
+
+    tiny_workflow(tmp_path, stages__stage2__training__learning_rate=1e-4)
+    result = snakemake(tmp_path, "--cores", "2", "stage2_ckpt")
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert (model / "model.safetensors").read_bytes() != before
+    steps = [json.loads(line)["step"] for line in (model / METRICS_FILE).read_text().splitlines()]
+    assert steps[0] == 1
+    log = (tmp_path / "results" / "logs" / "stage2.log").read_text()
+    assert "its checkpoints were trained from other settings (training.learning_rate" in log
+    assert "resuming from" not in log
+    assert [path.name.split(".")[0] for path in (tmp_path / "results" / "work").glob("*.superseded-*")] == ["stage2"]
+
+
+# Spaces, quotes and command substitutions: the shell must hand every value over as it is.
+HOSTILE = "it's a $(touch PWNED) `touch PWNED`"
+
+
+def test_paths_with_spaces_quotes_and_substitutions_reach_the_commands_as_they_are(tmp_path):
+    config = tiny_workflow(tmp_path)  # data, LMUData and a config under tmp_path, then moved to hostile names
+    data, lmudata, results = (tmp_path / f"{name} {HOSTILE}" for name in ("data", "LMUData", "results"))
+    (tmp_path / "data").rename(data)
+    (tmp_path / "LMUData").rename(lmudata)
+    settings = yaml.safe_load(config.read_text())
+    settings["results"] = str(results)
+    settings["data"].update(root=str(data), registry=str(data / "datasets.yaml"))
+    settings["evaluation"]["vqa"]["lmudata"] = str(lmudata)
+    config.write_text(yaml.safe_dump(settings))
+    result = snakemake(tmp_path, "--cores", "2", "all")
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert not list(tmp_path.rglob("PWNED")) and not list(Path.cwd().glob("PWNED"))
+    assert (results / "report" / "report.html").is_file()
+    assert (results / "eval" / "stage2" / "vqa" / "vqa_summary.json").is_file()
+
+
+def test_a_hostile_backbone_source_is_refused_as_it_is_never_run(tmp_path):
+    source = f"builtin:tiny-qwen2-vl{HOSTILE}"
+    tiny_workflow(tmp_path, model__backbone=source)
+    result = snakemake(tmp_path, "--cores", "1", "download")
+    assert result.returncode != 0
+    log = (tmp_path / "results" / "logs" / "download.log").read_text()
+    assert f"vlaflow download: error: source {source!r}: not one of" in log
+    assert not list(tmp_path.rglob("PWNED"))
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("evaluation__vqa__benchmarks", ["EasyVQA; touch PWNED"]),
+        ("embedded__easy_vqa", {"dataset": "$(touch PWNED)"}),
+        ("embedded__aloha_demos", {"dataset": "../elsewhere"}),
+    ],
+)
+def test_names_that_become_file_names_are_refused_unless_plain(tmp_path, key, value):
+    tiny_workflow(tmp_path, **{key: value})
+    result = snakemake(tmp_path, "--cores", "1", "-n", "all")
+    assert result.returncode != 0
+    assert "does not match '^[A-Za-z0-9_][A-Za-z0-9_.-]*$'" in result.stdout + result.stderr
+    assert not (tmp_path / "results").exists() and not list(tmp_path.rglob("PWNED"))
 
 
 def test_a_config_error_stops_the_workflow_before_any_job(tmp_path):

@@ -45,6 +45,26 @@ def embedded(name):
     return config["embedded"].get(name)
 
 
+def cli_options(**options):
+    """Command-line options as separate words, each quoted by `{params.options:q}` in a shell
+    command. `--key value` (`--key v1 v2` for a list), `--key` for True, `--no-key` for False,
+    nothing for None."""
+    words = []
+    for key, value in options.items():
+        name = key.replace("_", "-")
+        if value is None:
+            continue
+        if value is True:
+            words.append(f"--{name}")
+        elif value is False:
+            words.append(f"--no-{name}")
+        elif isinstance(value, (list, tuple)):
+            words += [f"--{name}", *map(str, value)]
+        else:
+            words += [f"--{name}", str(value)]
+    return words
+
+
 def embedded_data(stage):
     """The data folders the workflow builds and this stage reads (for the order of the jobs)."""
     folders = []
@@ -138,16 +158,17 @@ def train_params(stage):
         "config": CONFIG_FILE,
         "launch": launch("train"),
         "workdir": result(f"work/{stage}"),
-        "mlp": f"--mlp-weights {mlp}" if mlp else "",
+        "mlp": ["--mlp-weights", mlp] if mlp else [],
         "settings": fingerprint("data", "model", "training", stage=stage),
     }
 
 
 def report_runs(w):
-    runs = []
+    """`vlaflow report`'s --run arguments, one word each (the rule quotes them)."""
+    arguments = []
     for stage in STAGES:
         folders = [result(f"eval/{stage}/vqa")] + (
             [result(f"eval/{stage}/robot")] if stage in ROBOT_STAGES else []
         )
-        runs.append(f"--run {stage} {result(f'models/{stage}')} " + " ".join(folders))
-    return " ".join(runs)
+        arguments += ["--run", stage, result(f"models/{stage}"), *folders]
+    return arguments

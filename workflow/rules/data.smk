@@ -16,23 +16,20 @@ if embedded("easy_vqa"):
         container:
             config["container"]
         params:
-            options=lambda w: (
-                f"--train-images {embedded('easy_vqa')['train_images']} "
-                f"--benchmark-questions {embedded('easy_vqa')['benchmark_questions']} "
-                f"--multiple-choice {embedded('easy_vqa')['multiple_choice']} --seed {embedded('easy_vqa')['seed']} "
-                f"--text-only {embedded('easy_vqa')['text_only']}"
-                + (
-                    " --image-sizes "
-                    + " ".join(
-                        f"{height}x{width}"
-                        for height, width in embedded("easy_vqa")["image_sizes"]
-                    )
-                    if embedded("easy_vqa")["image_sizes"]
-                    else ""
-                )
+            options=lambda w: cli_options(
+                train_images=embedded("easy_vqa")["train_images"],
+                benchmark_questions=embedded("easy_vqa")["benchmark_questions"],
+                multiple_choice=embedded("easy_vqa")["multiple_choice"],
+                seed=embedded("easy_vqa")["seed"],
+                text_only=embedded("easy_vqa")["text_only"],
+                image_sizes=[
+                    f"{height}x{width}"
+                    for height, width in embedded("easy_vqa")["image_sizes"] or []
+                ]
+                or None,
             ),
         shell:
-            "vlaflow data easy-vqa {output.train} {output.benchmark} {params.options} > {log} 2>&1"
+            "exec vlaflow data easy-vqa {output.train:q} {output.benchmark:q} {params.options:q} > {log:q} 2>&1"
 
 
 if embedded("aloha_demos"):
@@ -50,17 +47,14 @@ if embedded("aloha_demos"):
             config["container"]
         threads: HEAVY_THREADS
         params:
-            options=lambda w: (
-                f"--episodes {embedded('aloha_demos')['episodes']} --height {embedded('aloha_demos')['height']} "
-                f"--width {embedded('aloha_demos')['width']} --seed {embedded('aloha_demos')['seed']} "
-                + (
-                    "--shadows"
-                    if embedded("aloha_demos")["shadows"]
-                    else "--no-shadows"
-                )
+            options=lambda w: cli_options(
+                **{
+                    key: embedded("aloha_demos")[key]
+                    for key in ("episodes", "height", "width", "seed", "shadows")
+                }
             ),
         shell:
-            "vlaflow data aloha-demos {output} {params.options} --workers {threads} > {log} 2>&1"
+            "exec vlaflow data aloha-demos {output:q} {params.options:q} --workers {threads} > {log:q} 2>&1"
 
 
 rule data_check:
@@ -79,4 +73,4 @@ rule data_check:
         settings=lambda w: data_fingerprint(),
         config=CONFIG_FILE,
     shell:
-        "vlaflow data check --config {params.config} --model {input.model} > {output} 2> {log}"
+        "exec vlaflow data check --config {params.config:q} --model {input.model:q} > {output:q} 2> {log:q}"

@@ -24,20 +24,17 @@ rule eval_vqa:
     resources:
         gpu=1,
     params:
-        benchmarks=" ".join(config["evaluation"]["vqa"]["benchmarks"]),
+        benchmarks=config["evaluation"]["vqa"]["benchmarks"],
         lmudata=lambda w, input: os.path.dirname(input.benchmarks[0]),
-        options=lambda w: (
-            f"--batch-size {config['evaluation']['vqa']['batch_size']} "
-            f"--max-new-tokens {config['evaluation']['vqa']['max_new_tokens']}"
-            + (
-                f" --limit {config['evaluation']['vqa']['limit']}"
-                if config["evaluation"]["vqa"]["limit"]
-                else ""
-            )
+        options=lambda w: cli_options(
+            **{
+                key: config["evaluation"]["vqa"][key]
+                for key in ("batch_size", "max_new_tokens", "limit")
+            }
         ),
     shell:
-        "vlaflow eval vqa --model {input.model} --benchmarks {params.benchmarks} --lmudata {params.lmudata} "
-        "--out {output} {params.options} > {log} 2>&1"
+        "exec vlaflow eval vqa --model {input.model:q} --benchmarks {params.benchmarks:q} "
+        "--lmudata {params.lmudata:q} --out {output:q} {params.options:q} > {log:q} 2>&1"
 
 
 rule eval_robot:
@@ -58,23 +55,13 @@ rule eval_robot:
     resources:
         gpu=1,
     params:
-        options=lambda w: " ".join(
-            [
-                f"--split {config['evaluation']['robot']['split']}",
-                f"--episodes {config['evaluation']['robot']['episodes']}",
-                f"--seed {config['evaluation']['robot']['seed']}",
-                f"--max-steps {config['evaluation']['robot']['max_steps']}",
-                *(
-                    [f"--limit {config['evaluation']['robot']['limit']}"]
-                    if config["evaluation"]["robot"]["limit"]
-                    else []
-                ),
-                *(
-                    ["--temporal-ensemble"]
-                    if config["evaluation"]["robot"]["temporal_ensemble"]
-                    else []
-                ),
-            ]
+        options=lambda w: cli_options(
+            **{
+                key: config["evaluation"]["robot"][key]
+                for key in ("split", "episodes", "seed", "max_steps", "limit")
+            },
+            temporal_ensemble=config["evaluation"]["robot"]["temporal_ensemble"]
+            or None,
         ),
     shell:
-        "vlaflow eval robot --model {input.model} --out {output} {params.options} > {log} 2>&1"
+        "exec vlaflow eval robot --model {input.model:q} --out {output:q} {params.options:q} > {log:q} 2>&1"

@@ -13,7 +13,7 @@ rule download:
     params:
         source=config["model"]["backbone"],
     shell:
-        "vlaflow download {params.source} {output} > {log} 2>&1"
+        "exec vlaflow download {params.source:q} {output:q} > {log:q} 2>&1"
 
 
 rule vla_config:
@@ -28,18 +28,21 @@ rule vla_config:
     container:
         config["container"]
     params:
-        head=lambda w: (
-            f"--action-dim {config['model']['action_dim']} --state-dim {config['model']['state_dim']} "
-            f"--chunk-size {config['model']['chunk_size']} --policy-head-size {config['model']['policy_head_size']} "
-            f"--llm-loss-weight {config['model']['llm_loss_weight']} "
-            + (
-                "--with-llm-head"
-                if config["model"]["with_llm_head"]
-                else "--no-with-llm-head"
-            )
+        head=lambda w: cli_options(
+            **{
+                key: config["model"][key]
+                for key in (
+                    "action_dim",
+                    "state_dim",
+                    "chunk_size",
+                    "policy_head_size",
+                    "llm_loss_weight",
+                    "with_llm_head",
+                )
+            }
         ),
     shell:
-        "vlaflow make-vla-config {input} {output} {params.head} > {log} 2>&1"
+        "exec vlaflow make-vla-config {input:q} {output:q} {params.head:q} > {log:q} 2>&1"
 
 
 rule mlp_weights:
@@ -54,4 +57,4 @@ rule mlp_weights:
     container:
         config["container"]
     shell:
-        "vlaflow save-mlp-weights {input} {output} > {log} 2>&1"
+        "exec vlaflow save-mlp-weights {input:q} {output:q} > {log:q} 2>&1"

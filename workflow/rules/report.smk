@@ -19,4 +19,4 @@ rule report:
         runs=report_runs,
         title=f"vlaflow: {CONFIG_SOURCE}",
     shell:
-        "vlaflow report --out {output} --title '{params.title}' {params.runs} > {log} 2>&1"
+        "exec vlaflow report --out {output:q} --title {params.title:q} {params.runs:q} > {log:q} 2>&1"

@@ -1,9 +1,12 @@
 # VLM-only training (when the config has a `vlm` stage), stage 1 and stage 2. Each keeps its
 # resumable checkpoints in results/work/<stage>, outside the declared output: a retried or rerun
 # job continues from its last checkpoint, and the model folder appears only when training ends.
+# `exec`: the job's signals (a scheduler's SIGTERM) reach the launcher or trainer, not only the
+# shell. The launch prefix is built from the schema's enum and integers alone; every other value
+# is quoted.
 TRAIN = (
-    "{params.launch} --config {params.config} --stage {params.stage} --init {input.init} {params.mlp} "
-    "--workdir {params.workdir} --out {output} > {log} 2>&1"
+    "exec {params.launch} --config {params.config:q} --stage {params.stage:q} --init {input.init:q} "
+    "{params.mlp:q} --workdir {params.workdir:q} --out {output:q} > {log:q} 2>&1"
 )
 
 
@@ -43,7 +46,7 @@ if "vlm" in STAGES:
         container:
             config["container"]
         shell:
-            "vlaflow save-mlp-weights {input} {output} > {log} 2>&1"
+            "exec vlaflow save-mlp-weights {input:q} {output:q} > {log:q} 2>&1"
 
 
 rule stage1:

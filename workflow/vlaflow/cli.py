@@ -2,6 +2,8 @@
 Snakemake rule, under torchrun, srun or a container."""
 
 import argparse
+import multiprocessing
+import signal
 import sys
 from pathlib import Path
 
@@ -312,16 +314,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _stop_child_processes() -> None:
+    """End the data-loading workers of a command that failed. They ignore SIGTERM (the trainer
+    saves before it stops), so the SIGTERM that Python's exit sends its child processes would
+    leave the exit waiting on them forever; SIGKILL ends them. PyTorch's SIGCHLD handler would
+    take their end for a crash of its own, so it goes first."""
+    children = multiprocessing.active_children()
+    if not children:
+        return
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for child in children:
+        child.kill()
+    for child in children:
+        child.join(timeout=10)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     limit_torch_threads()
     try:
         args.run(args)
     except VlaflowError as error:
+        _stop_child_processes()
         subcommand = getattr(args, "data_command", None) or getattr(args, "eval_command", None)
         command = " ".join(filter(None, (args.command, subcommand)))
         print(f"vlaflow {command}: error: {error}", file=sys.stderr)
         return 2
+    except BaseException:
+        _stop_child_processes()
+        raise
     return 0
 
 

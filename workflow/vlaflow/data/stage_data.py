@@ -20,6 +20,7 @@ class StageData:
     dataset: MixedDataset
     mix: Mix | None
     stats: NormStats | None  # None for a stage without robot data
+    files: list[Path]  # the episode and annotation files the samples come from
 
 
 def robot_spec(config: dict, entry: RobotEntry | None = None) -> RobotSpec:
@@ -98,4 +99,7 @@ def build_stage_data(
         ConcatDataset(robot_parts) if robot_parts else None, ConcatDataset(vl_parts) if vl_parts else None
     )
     mix_settings = config["stages"][stage].get("mix")
-    return StageData(mixed, Mix.from_config(mix_settings) if mix_settings else None, stats if robot_parts else None)
+    files = [Path(path) for paths in episodes.values() for path in paths]
+    files += [Path(selection.entry.annotation) for selection in selections[VL]]
+    mix = Mix.from_config(mix_settings) if mix_settings else None
+    return StageData(mixed, mix, stats if robot_parts else None, files)

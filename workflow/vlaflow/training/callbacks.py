@@ -13,11 +13,20 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 def truncate_log(path: Path, step: int) -> None:
-    """Drop the lines of a JSONL log that a killed run wrote after the checkpoint it resumes from."""
+    """Drop the lines of a JSONL log that a killed run wrote after the checkpoint it resumes from,
+    and a last line that a kill cut in the middle of its writing."""
     path = Path(path)
-    if path.exists():
-        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        path.write_text("".join(line + "\n" for line in kept))
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if entry["step"] <= step:
+            kept.append(line)
+    path.write_text("".join(line + "\n" for line in kept))
 
 
 class MetricsLog(TrainerCallback):

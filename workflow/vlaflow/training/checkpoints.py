@@ -23,6 +23,7 @@ STATS_FILE = "norm_stats.json"
 CONFIG_FILE = "vlaflow_config.yaml"
 VERSIONS_FILE = "versions.json"
 METRICS_FILE = "metrics.jsonl"
+RECORD_FILE = "vlaflow_run.json"  # what the run was trained from; see training/workdir.py
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 # Trainer's resumable state: the work folder needs it, an exported model does not.
 TRAINING_STATE = re.compile(
@@ -82,7 +83,7 @@ def versions() -> dict:
 PREPROCESSOR_FILE = "preprocessor_config.json"
 
 
-def write_run_files(folder: Path, *, processor, stats, config: dict, stage: str) -> None:
+def write_run_files(folder: Path, *, processor, stats, config: dict, stage: str, record: dict) -> None:
     """Everything a model folder needs besides weights, to run and to be traced. The processor
     itself is saved with the weights; its image settings also go to `preprocessor_config.json`,
     the file transformers-4-era tools look for (upstream checkpoints lacked it)."""
@@ -93,6 +94,7 @@ def write_run_files(folder: Path, *, processor, stats, config: dict, stage: str)
         stats.save(folder / STATS_FILE)
     (folder / CONFIG_FILE).write_text(yaml.safe_dump({"stage": stage, **config}, sort_keys=False))
     (folder / VERSIONS_FILE).write_text(json.dumps(versions(), indent=2) + "\n")
+    (folder / RECORD_FILE).write_text(json.dumps(record, indent=1) + "\n")
 
 
 def mark_complete(folder: Path, step: int) -> None:

@@ -12,7 +12,6 @@ scheduler's retry continues where the run stopped.
 
 import logging
 import os
-import shutil
 import socket
 import sys
 from pathlib import Path
@@ -33,8 +32,6 @@ from vlaflow.models.qwen2_vla import ROBOT_EXPERT, Qwen2VLAForConditionalGenerat
 from vlaflow.models.qwen2_vla.processing_qwen2_vla import load_processor
 from vlaflow.training.callbacks import MetricsLog, StopOnSignal, truncate_log
 from vlaflow.training.checkpoints import (
-    CHECKPOINT,
-    COMPLETE_MARKER,
     METRICS_FILE,
     STATS_FILE,
     checkpoint_step,
@@ -43,6 +40,7 @@ from vlaflow.training.checkpoints import (
 )
 from vlaflow.training.settings import STAGES, training_arguments
 from vlaflow.training.trainer import VLATrainer
+from vlaflow.training.workdir import lock_work_folder, prepare_work_folder, run_record
 
 logger = logging.getLogger(__name__)
 SAMPLES_LOG = "samples-rank{rank}.jsonl"
@@ -116,13 +114,6 @@ def check_world_size(launched: int, trained: int) -> None:
         )
 
 
-def _remove_incomplete_checkpoints(workdir: Path) -> None:
-    for folder in workdir.iterdir():
-        if CHECKPOINT.match(folder.name) and not (folder / COMPLETE_MARKER).exists():
-            logger.warning("removing %s: a checkpoint that was never completed", folder)
-            shutil.rmtree(folder)
-
-
 def train(config_path: Path, stage: str, init: Path, workdir: Path, out: Path, mlp_weights: Path | None = None):
     if stage not in STAGES:
         raise VlaflowError(f"unknown stage {stage!r} (stages: {', '.join(STAGES)})")
@@ -144,9 +135,10 @@ def train(config_path: Path, stage: str, init: Path, workdir: Path, out: Path, m
     _prepare_distributed(settings)
     args = training_arguments(settings, workdir)
     check_world_size(int(os.environ.get("WORLD_SIZE", 1)), args.world_size)
+    record = run_record(config, stage, init, mlp_weights, stage_data.files)
     if args.should_save:
-        workdir.mkdir(parents=True, exist_ok=True)
-        _remove_incomplete_checkpoints(workdir)
+        held = lock_work_folder(workdir)  # noqa: F841  (held while this function trains)
+        prepare_work_folder(workdir, record)
     if dist.is_initialized():
         dist.barrier()
 
@@ -169,7 +161,13 @@ def train(config_path: Path, stage: str, init: Path, workdir: Path, out: Path, m
             callbacks=[MetricsLog(metrics), stop],
             mix=stage_data.mix,
             data_seed=config["data"]["seed"],
-            run_files={"processor": processor, "stats": stage_data.stats or stats, "config": config, "stage": stage},
+            run_files={
+                "processor": processor,
+                "stats": stage_data.stats or stats,
+                "config": config,
+                "stage": stage,
+                "record": record,
+            },
             samples_log=samples_log,
         )
         # the processes that really form one data-parallel group: none unless accelerate wraps the model
