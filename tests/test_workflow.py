@@ -88,6 +88,30 @@ def test_a_changed_stage_setting_retrains_the_stage_rather_than_resuming_its_old
     assert [path.name.split(".")[0] for path in (tmp_path / "results" / "work").glob("*.superseded-*")] == ["stage2"]
 
 
+def test_a_signal_to_a_training_job_reaches_the_trainer_and_the_retry_resumes_alone(tmp_path):
+    """SLURM or a user signals the job's process: the trainer must get it (no shell between them
+    to orphan it), save, and leave the folder to the retry, which continues without a twin."""
+    tiny_workflow(tmp_path, stages__stage1__training={"max_steps": 40, "save_steps": 5})
+    work = tmp_path / "results" / "work" / "stage1"
+    process = start_snakemake(tmp_path, "--cores", "2", "stage1")
+    deadline = time.monotonic() + 600
+    while not (work / "checkpoint-5" / COMPLETE_MARKER).exists():
+        assert process.poll() is None, process.stdout.read()[-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    jobs = subprocess.run(["ps", "-ww", "-o", "pid=,args=", "--ppid", str(process.pid)], capture_output=True, text=True)
+    training = [line.split()[0] for line in jobs.stdout.splitlines() if "train" in line and "--stage stage1" in line]
+    assert len(training) == 1, jobs.stdout  # the job's process is the trainer itself
+    subprocess.run(["kill", "-TERM", training[0]], check=True)
+    output, _ = process.communicate(timeout=900)
+    assert process.returncode == 0, output[-4000:]
+    log = (tmp_path / "results" / "logs" / "stage1.log").read_text()
+    assert "resuming from" in log  # the retry's log
+    entries = map(json.loads, (tmp_path / "results" / "models" / "stage1" / METRICS_FILE).read_text().splitlines())
+    logged = [entry["step"] for entry in entries if "loss" in entry]  # no interleaving of two trainers
+    assert logged == list(range(1, 41))
+
+
 # Spaces, quotes and command substitutions: the shell must hand every value over as it is.
 HOSTILE = "it's a $(touch PWNED) `touch PWNED`"
 
