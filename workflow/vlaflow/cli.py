@@ -146,6 +146,17 @@ def _report(args) -> None:
     print(f"report written to {out / 'report.html'} and {out / 'report.md'}")
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: must be at least 1")
+    return value
+
+
 def _image_size(text: str) -> tuple[int, int]:
     height, _, width = text.partition("x")
     if not (height.isdigit() and width.isdigit() and int(height) > 0 and int(width) > 0):
@@ -161,12 +172,12 @@ def _add_data_commands(commands) -> None:
     check.add_argument("--config", type=Path, required=True)
     check.add_argument(
         "--sample-images",
-        type=int,
+        type=positive_int,
         metavar="N",
         help="decode the images of N episodes / N VL entries per dataset (default: all)",
     )
     check.add_argument("--model", type=Path, help="a model folder whose processor collates the shown batch")
-    check.add_argument("--batch-size", type=int, default=4)
+    check.add_argument("--batch-size", type=positive_int, default=4)
     check.set_defaults(run=_data_check)
 
     easy_vqa = data_commands.add_parser(
@@ -174,8 +185,8 @@ def _add_data_commands(commands) -> None:
     )
     easy_vqa.add_argument("train_out", type=Path, help="folder for the images and the LLaVA JSON")
     easy_vqa.add_argument("benchmark_out", type=Path, help="the benchmark TSV, by convention LMUData/EasyVQA.tsv")
-    easy_vqa.add_argument("--train-images", type=int, help="images of the train split to use (default: all)")
-    easy_vqa.add_argument("--max-turns", type=int, default=8, help="questions per training conversation")
+    easy_vqa.add_argument("--train-images", type=positive_int, help="images of the train split to use (default: all)")
+    easy_vqa.add_argument("--max-turns", type=positive_int, default=8, help="questions per training conversation")
     easy_vqa.add_argument(
         "--multiple-choice",
         type=float,
@@ -197,16 +208,18 @@ def _add_data_commands(commands) -> None:
         metavar="FRACTION",
         help="share of training conversations without an image (questions about the answer words)",
     )
-    easy_vqa.add_argument("--benchmark-questions", type=int, help="questions of the test split to use (default: all)")
+    easy_vqa.add_argument(
+        "--benchmark-questions", type=positive_int, help="questions of the test split to use (default: all)"
+    )
     easy_vqa.add_argument("--options", type=int, default=4, help="options per multiple-choice question")
     easy_vqa.add_argument("--seed", type=int, default=0)
     easy_vqa.set_defaults(run=_data_easy_vqa)
 
     demos = data_commands.add_parser("aloha-demos", help="scripted transfer-cube demonstrations in the ALOHA simulator")
     demos.add_argument("out", type=Path, help="folder for the HDF5 episodes")
-    demos.add_argument("--episodes", type=int, required=True, help="successful episodes to write")
-    demos.add_argument("--height", type=int, default=240)
-    demos.add_argument("--width", type=int, default=320)
+    demos.add_argument("--episodes", type=positive_int, required=True, help="successful episodes to write")
+    demos.add_argument("--height", type=positive_int, default=240)
+    demos.add_argument("--width", type=positive_int, default=320)
     demos.add_argument("--camera", default="top")
     demos.add_argument(
         "--shadows",
@@ -215,7 +228,7 @@ def _add_data_commands(commands) -> None:
         help="render shadows (more than half of a frame's cost in software rendering)",
     )
     demos.add_argument(
-        "--workers", type=int, help="parallel simulator processes (at most, and by default, one per CPU)"
+        "--workers", type=positive_int, help="parallel simulator processes (at most, and by default, one per CPU)"
     )
     demos.add_argument("--compress", action="store_true", help="store frames as JPEG")
     demos.add_argument("--seed", type=int, default=0, help="first seed; episode i uses the i-th seed tried")
@@ -239,9 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
     vla.add_argument("backbone", type=Path)
     vla.add_argument("out", type=Path)
     # Options left out take the defaults of the model's configuration classes.
-    vla.add_argument("--action-dim", type=int)
-    vla.add_argument("--state-dim", type=int)
-    vla.add_argument("--chunk-size", type=int, help="actions predicted per query")
+    vla.add_argument("--action-dim", type=positive_int)
+    vla.add_argument("--state-dim", type=positive_int)
+    vla.add_argument("--chunk-size", type=positive_int, help="actions predicted per query")
     vla.add_argument("--policy-head-size", choices=sorted(SCALE_DP_SIZES))
     vla.add_argument("--using-moe", action=argparse.BooleanOptionalAction)
     vla.add_argument("--with-llm-head", action=argparse.BooleanOptionalAction)
@@ -256,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check-model", help="load a VLA folder and run batched inference once")
     check.add_argument("model", type=Path)
     check.add_argument("--mlp-weights", type=Path, help="initialise both experts from this file first")
-    check.add_argument("--batch-size", type=int, default=2)
+    check.add_argument("--batch-size", type=positive_int, default=2)
     check.set_defaults(run=_check_model)
 
     _add_data_commands(commands)
@@ -277,9 +290,9 @@ def build_parser() -> argparse.ArgumentParser:
     vqa.add_argument("--benchmarks", nargs="+", required=True, metavar="NAME", help="read from LMUDATA/<NAME>.tsv")
     vqa.add_argument("--lmudata", type=Path, required=True, help="VLMEvalKit's LMUData folder")
     vqa.add_argument("--out", type=Path, required=True, help="a new folder for predictions and accuracies")
-    vqa.add_argument("--batch-size", type=int, default=8)
-    vqa.add_argument("--max-new-tokens", type=int, default=16)
-    vqa.add_argument("--limit", type=int, help="only the first N questions of each benchmark")
+    vqa.add_argument("--batch-size", type=positive_int, default=8)
+    vqa.add_argument("--max-new-tokens", type=positive_int, default=16)
+    vqa.add_argument("--limit", type=positive_int, help="only the first N questions of each benchmark")
     vqa.set_defaults(run=_eval_vqa)
 
     robot = evaluations.add_parser("robot", help="action-chunk error on held-out episodes; ALOHA closed loop")
@@ -290,11 +303,11 @@ def build_parser() -> argparse.ArgumentParser:
     robot.add_argument("--open-loop", action=argparse.BooleanOptionalAction, default=True)
     robot.add_argument("--split", default="val", help="the registry split of held-out episodes")
     robot.add_argument("--datasets", nargs="+", help="registry names (default: the model's training robot data)")
-    robot.add_argument("--batch-size", type=int, default=8)
-    robot.add_argument("--limit", type=int, help="at most N held-out steps, spread over the split")
+    robot.add_argument("--batch-size", type=positive_int, default=8)
+    robot.add_argument("--limit", type=positive_int, help="at most N held-out steps, spread over the split")
     robot.add_argument("--episodes", type=int, default=10, help="closed-loop episodes in the simulator (0: none)")
     robot.add_argument("--seed", type=int, default=1000, help="seed of the first closed-loop episode")
-    robot.add_argument("--max-steps", type=int, default=400)
+    robot.add_argument("--max-steps", type=positive_int, default=400)
     robot.add_argument("--temporal-ensemble", action="store_true", help="query every step and average (ACT)")
     robot.set_defaults(run=_eval_robot)
 

@@ -2,6 +2,7 @@
 
 import os
 import shutil
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -15,11 +16,26 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+def check_destination(out: Path) -> None:
+    """Fail with one line naming `out` unless it can be written: its nearest existing ancestor
+    must be a folder where a file can be made. Creates nothing; called before the work, not after."""
+    out = Path(out).absolute()
+    ancestor = out.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    try:
+        with tempfile.NamedTemporaryFile(dir=ancestor, prefix=f".{out.name}.probe-"):
+            pass
+    except OSError as error:
+        raise VlaflowError(f"{out}: cannot be written there ({error.strerror or error})") from None
+
+
 @contextmanager
 def _staged(out: Path, folder: bool, replace: bool = False):
     out = Path(out)
     if not replace and (out.exists() or out.is_symlink()):
         raise VlaflowError(f"{out}: already exists; remove it or choose another output path")
+    check_destination(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     _remove(tmp)

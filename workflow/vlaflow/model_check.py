@@ -6,6 +6,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from vlaflow.backbone.folder import load_vla
 from vlaflow.data import language
 from vlaflow.models.qwen2_vla import ROBOT_EXPERT, VL_EXPERT, Qwen2VLAForConditionalGeneration
 from vlaflow.models.qwen2_vla.processing_qwen2_vla import load_processor
@@ -36,7 +37,7 @@ def check_model(folder: Path, mlp_weights: Path | None = None, batch_size: int =
 
         model = load_vla_with_moe_init(folder, mlp_weights)
     else:
-        model = Qwen2VLAForConditionalGeneration.from_pretrained(folder)
+        model = load_vla(folder)
     model.eval()
     processor = load_processor(folder)
     for part, count in parameter_counts(model).items():

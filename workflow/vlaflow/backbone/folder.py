@@ -75,3 +75,13 @@ def verify_model_folder(folder: Path) -> dict:
     if not has_chat_template(folder):
         raise ModelFolderError(f"{folder}: no chat template ({' or '.join(CHAT_TEMPLATE_FILES)})")
     return config
+
+
+def load_vla(folder: Path, **from_pretrained_kwargs):
+    """`Qwen2VLAForConditionalGeneration.from_pretrained(folder)`, after a check that names a
+    missing, truncated or unreadable weights file in one line (transformers would raise a
+    traceback from the middle of loading)."""
+    from vlaflow.models.qwen2_vla import Qwen2VLAForConditionalGeneration
+
+    weight_files(folder)
+    return Qwen2VLAForConditionalGeneration.from_pretrained(folder, **from_pretrained_kwargs)

@@ -14,7 +14,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from vlaflow.backbone.folder import verify_model_folder, weight_files
+from vlaflow.backbone.folder import load_vla, verify_model_folder, weight_files
 from vlaflow.errors import MLPWeightsError
 from vlaflow.fs import atomic_file
 
@@ -117,16 +117,12 @@ def load_vla_with_moe_init(vla_folder: Path, mlp_weights: Path, **from_pretraine
     layer copied from the dense MLP, the new heads freshly initialised."""
     from transformers.utils import logging
 
-    from vlaflow.models.qwen2_vla import Qwen2VLAForConditionalGeneration
-
     # transformers would report the experts and heads as missing and the dense MLP as unexpected:
     # exactly what this function expects, and checks itself below.
     verbosity = logging.get_verbosity()
     logging.set_verbosity_error()
     try:
-        model, info = Qwen2VLAForConditionalGeneration.from_pretrained(
-            vla_folder, output_loading_info=True, **from_pretrained_kwargs
-        )
+        model, info = load_vla(vla_folder, output_loading_info=True, **from_pretrained_kwargs)
     finally:
         logging.set_verbosity(verbosity)
     new_modules = ("policy_head.", "reasoning_conditioner.")

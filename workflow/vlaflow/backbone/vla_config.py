@@ -41,7 +41,10 @@ def vla_config_dict(backbone_config: dict, policy_head: dict | None = None, **vl
     if unknown:
         raise VlaflowError(f"unknown VLA field {unknown[0]!r}; known: {', '.join(VLA_FIELDS)}")
     defaults = Qwen2VLAConfig.__dataclass_fields__
-    head = ScaleDPConfig(**{key: value for key, value in (policy_head or {}).items() if value is not None})
+    try:
+        head = ScaleDPConfig(**{key: value for key, value in (policy_head or {}).items() if value is not None})
+    except ValueError as error:
+        raise VlaflowError(str(error)) from None
     config = dict(backbone_config)
     config.update(
         architectures=[Qwen2VLAForConditionalGeneration.__name__],

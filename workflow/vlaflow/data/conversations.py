@@ -7,6 +7,7 @@ image goes, in order; their number must equal the number of images.
 """
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,6 +69,9 @@ def parse_entry(entry: object, where: str) -> Conversation:
         images = [images]
     if not isinstance(images, list) or not all(isinstance(image, str) and image for image in images):
         raise VlaflowError(f"{where}: {image_field}: expected a path or a list of paths")
+    for image in images:
+        if os.path.isabs(image) or os.path.normpath(image).split(os.sep)[0] == os.pardir:
+            raise VlaflowError(f"{where}: {image_field}: {image!r} is not inside the dataset's image folder")
 
     conversations = entry.get("conversations")
     if not isinstance(conversations, list) or not conversations:
@@ -88,6 +92,8 @@ def parse_entry(entry: object, where: str) -> Conversation:
             raise VlaflowError(f"{where}: {field}.from: expected a {'human' if expected == 'user' else 'gpt'} turn")
         if role == "assistant" and IMAGE_PLACEHOLDER in turn["value"]:
             raise VlaflowError(f"{where}: {field}.value: {IMAGE_PLACEHOLDER} in a gpt turn")
+        if role == "assistant" and not turn["value"].strip():
+            raise VlaflowError(f"{where}: {field}.value: an empty gpt answer (nothing to learn from)")
         turns.append((role, turn["value"]))
     if turns[-1][0] != "assistant":
         raise VlaflowError(f"{where}: conversations: the last turn has no gpt answer")
@@ -120,7 +126,7 @@ def open_image(path: Path, where: str, size: tuple[int, int] | None = None) -> I
             return image if size is None else resize(image, size)
     except FileNotFoundError:
         raise VlaflowError(f"{path}: image of {where}: file missing") from None
-    except OSError as error:
+    except (OSError, Image.DecompressionBombError) as error:
         raise VlaflowError(f"{path}: image of {where}: cannot decode ({error})") from None
 
 

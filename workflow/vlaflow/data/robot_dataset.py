@@ -61,6 +61,13 @@ def _text(value) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def _utf8(value, path: Path, field: str) -> str:
+    try:
+        return _text(value)
+    except UnicodeDecodeError as error:
+        raise VlaflowError(f"{path}: /{field}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+
+
 def _open_file(path: Path) -> h5py.File:
     try:
         return h5py.File(path, "r")
@@ -130,12 +137,12 @@ def inspect_episode(path: Path, spec: RobotSpec) -> EpisodeInfo:
         substeps = file.get(SUBSTEP_REASONINGS)
         if substeps is not None and len(substeps) != frames:
             raise VlaflowError(f"{path}: /{SUBSTEP_REASONINGS}: {len(substeps)} entries, /{QPOS} has {frames}")
+        if substeps is not None:
+            for index, text in enumerate(substeps[()]):
+                _utf8(text, path, f"{SUBSTEP_REASONINGS}: entry {index}")
         reasoning = file.get(REASONING)
-        try:
-            instruction = _text(language[0])
-            episode_reasoning = _text(reasoning[0]) if reasoning is not None and reasoning.size else None
-        except UnicodeDecodeError:
-            raise VlaflowError(f"{path}: /{LANGUAGE} or /{REASONING}: not UTF-8 text") from None
+        instruction = _utf8(language[0], path, LANGUAGE)
+        episode_reasoning = _utf8(reasoning[0], path, REASONING) if reasoning is not None and reasoning.size else None
         return EpisodeInfo(
             path=path,
             frames=frames,

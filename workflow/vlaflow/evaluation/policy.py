@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from transformers import AutoModelForImageTextToText
 
 import vlaflow.models  # noqa: F401  (registers the model and processor classes)
+from vlaflow.backbone.folder import load_vla
 from vlaflow.config import read_yaml
 from vlaflow.data.images import decode_frame
 from vlaflow.data.registry import ROBOT, RobotEntry
@@ -44,7 +44,7 @@ class Policy:
         self.config = read_yaml(model_dir / CONFIG_FILE)
         self.image_size = tuple(self.config["data"]["image_size"])
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = AutoModelForImageTextToText.from_pretrained(model_dir).to(self.device).eval()
+        self.model = load_vla(model_dir).to(self.device).eval()
         self.processor = load_processor(model_dir)
         head = self.model.config.policy_head_config
         self.chunk_size, self.action_dim, self.state_dim = head.chunk_size, head.action_dim, head.state_dim

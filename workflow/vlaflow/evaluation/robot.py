@@ -21,7 +21,7 @@ from vlaflow.data.robot_dataset import RobotEpisodeDataset, inspect_episode
 from vlaflow.data.stage_data import robot_spec
 from vlaflow.errors import VlaflowError
 from vlaflow.evaluation.policy import Policy, robot_datasets
-from vlaflow.fs import atomic_file
+from vlaflow.fs import atomic_file, check_destination
 from vlaflow.sim.aloha import DT, EPISODE_LENGTH, MAX_REWARD, TransferCubeSim
 from vlaflow.sim.demos import SUMMARY_FILE
 
@@ -34,9 +34,11 @@ TEMPORAL_ENSEMBLE_DECAY = 0.01  # ACT's k in w_i = exp(-k i)
 
 
 def _refuse_existing(paths: list[Path]) -> None:
+    """Fail before any evaluation work if an output exists or cannot be written."""
     for path in paths:
         if path.exists():
             raise VlaflowError(f"{path}: already exists; remove it or choose another output folder")
+        check_destination(path)
 
 
 def _write_json(path: Path, content: dict) -> None:

@@ -29,10 +29,9 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from transformers import AutoModelForImageTextToText
 
 import vlaflow.models  # noqa: F401  (registers the model and processor classes)
-from vlaflow.backbone.folder import verify_model_folder
+from vlaflow.backbone.folder import load_vla, verify_model_folder
 from vlaflow.data.language import multiple_choice_prompt
 from vlaflow.errors import VlaflowError
 from vlaflow.fs import atomic_directory
@@ -117,32 +116,39 @@ def read_benchmark(tsv_path: Path, *, limit: int | None = None) -> list[Question
 
 def _read_rows(tsv_path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
     csv.field_size_limit(sys.maxsize)  # real benchmarks hold megabytes of base64 in one cell
-    with open(tsv_path, encoding="utf-8", newline="") as tsv:
-        reader = csv.reader(tsv, delimiter="\t")
-        header = next(reader, None) or []
-        missing = [column for column in REQUIRED_COLUMNS if column not in header]
-        if missing:
-            raise VlaflowError(
-                f"{tsv_path}: no column {missing[0]!r} in the header (a VLMEvalKit TSV has {REQUIRED_COLUMNS})"
-            )
-        rows, seen = [], set()
-        for cells in reader:
-            if not cells:
-                continue
-            where = f"{tsv_path}: line {reader.line_num}"
-            if len(cells) != len(header):
-                raise VlaflowError(f"{where}: {len(cells)} fields, the header has {len(header)}")
-            row = dict(zip(header, cells))
-            try:
-                index = int(row["index"])
-            except ValueError:
-                raise VlaflowError(f"{where}: index: {row['index']!r} is not an integer") from None
-            if index in seen:
-                raise VlaflowError(f"{where}: index: {index} appears twice")
-            seen.add(index)
-            rows.append((index, row))
+    try:
+        with open(tsv_path, encoding="utf-8", newline="") as tsv:
+            header, rows = _parse_rows(tsv_path, csv.reader(tsv, delimiter="\t"))
+    except UnicodeDecodeError as error:
+        raise VlaflowError(f"{tsv_path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
     if not rows:
         raise VlaflowError(f"{tsv_path}: no questions")
+    return header, rows
+
+
+def _parse_rows(tsv_path: Path, reader) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
+    header = next(reader, None) or []
+    missing = [column for column in REQUIRED_COLUMNS if column not in header]
+    if missing:
+        raise VlaflowError(
+            f"{tsv_path}: no column {missing[0]!r} in the header (a VLMEvalKit TSV has {REQUIRED_COLUMNS})"
+        )
+    rows, seen = [], set()
+    for cells in reader:
+        if not cells:
+            continue
+        where = f"{tsv_path}: line {reader.line_num}"
+        if len(cells) != len(header):
+            raise VlaflowError(f"{where}: {len(cells)} fields, the header has {len(header)}")
+        row = dict(zip(header, cells))
+        try:
+            index = int(row["index"])
+        except ValueError:
+            raise VlaflowError(f"{where}: index: {row['index']!r} is not an integer") from None
+        if index in seen:
+            raise VlaflowError(f"{where}: index: {index} appears twice")
+        seen.add(index)
+        rows.append((index, row))
     return header, rows
 
 
@@ -211,7 +217,7 @@ def _check_images(tsv_path: Path, questions: list[Question]) -> None:
             try:
                 with Image.open(io.BytesIO(base64.b64decode(image))) as opened:
                     opened.load()
-            except (binascii.Error, ValueError, OSError, SyntaxError) as problem:
+            except (binascii.Error, ValueError, OSError, SyntaxError, Image.DecompressionBombError) as problem:
                 which = f"image {number + 1} of {len(question.images)}" if len(question.images) > 1 else "the image"
                 raise VlaflowError(
                     f"{tsv_path}: row index {question.index}: image: {which} is not a decodable base64 image ({problem})"
@@ -295,7 +301,7 @@ def load_vl_model(model_dir: Path):
     if config["model_type"] != "qwen2_vla":
         raise VlaflowError(f"{model_dir}: model_type is {config['model_type']!r}; evaluation needs a VLA model folder")
     processor = load_processor(model_dir)
-    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype="auto")
+    model = load_vla(model_dir, dtype="auto")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     return model.to(device).eval(), processor
 

@@ -22,13 +22,15 @@ from accelerate.utils import DistributedType
 from transformers import set_seed
 
 import vlaflow.models  # noqa: F401  (registers the model and processor classes)
+from vlaflow.backbone.folder import load_vla
 from vlaflow.backbone.mlp_weights import load_vla_with_moe_init
 from vlaflow.config import load_config, stage_settings
 from vlaflow.data.collator import ROBOT_DIMENSIONS, Collator
 from vlaflow.data.stage_data import build_stage_data
 from vlaflow.data.stats import NormStats
 from vlaflow.errors import VlaflowError
-from vlaflow.models.qwen2_vla import ROBOT_EXPERT, Qwen2VLAForConditionalGeneration
+from vlaflow.fs import check_destination
+from vlaflow.models.qwen2_vla import ROBOT_EXPERT
 from vlaflow.models.qwen2_vla.processing_qwen2_vla import load_processor
 from vlaflow.training.callbacks import MetricsLog, StopOnSignal, truncate_log
 from vlaflow.training.checkpoints import (
@@ -61,7 +63,7 @@ def load_stage_model(stage: str, init: Path, mlp_weights: Path | None, settings:
     elif stage == "stage1":
         raise VlaflowError("stage1 initialises both experts from the saved MLP weights: pass --mlp-weights")
     else:
-        model, info = Qwen2VLAForConditionalGeneration.from_pretrained(init, output_loading_info=True, **kwargs)
+        model, info = load_vla(init, output_loading_info=True, **kwargs)
         if info["missing_keys"]:
             raise VlaflowError(
                 f"{init}: no weights for {sorted(info['missing_keys'])[0]!r}: a fresh VLA folder needs --mlp-weights"
@@ -120,6 +122,8 @@ def train(config_path: Path, stage: str, init: Path, workdir: Path, out: Path, m
     out, workdir, init = Path(out), Path(workdir), Path(init)
     if out.exists():
         raise VlaflowError(f"{out}: already exists; the stage is done (remove it to train again)")
+    check_destination(out)  # fail now, not after training
+    check_destination(workdir)
     config = load_config(config_path)
     if stage not in config["stages"]:
         raise VlaflowError(f"{config_path}: stages.{stage}: not configured")

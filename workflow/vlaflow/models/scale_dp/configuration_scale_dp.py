@@ -47,6 +47,9 @@ class ScaleDPConfig(PreTrainedConfig):
         self.depth = self.depth or depth
         self.hidden_size = self.hidden_size or hidden_size
         self.num_heads = self.num_heads or num_heads
+        for field in ("action_dim", "state_dim", "chunk_size", "num_train_timesteps", "num_inference_timesteps"):
+            if getattr(self, field) < 1:
+                raise ValueError(f"policy head {field} must be at least 1, got {getattr(self, field)}")
         if self.hidden_size % self.num_heads:
             raise ValueError(f"policy head width {self.hidden_size} is not divisible by {self.num_heads} heads")
         super().__post_init__(**kwargs)
