@@ -2,7 +2,10 @@
 
 import hashlib
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -16,6 +19,7 @@ from transformers import (
 )
 
 from tests.conftest import random_image
+from tests.fake_hub import fake_hub
 from vlaflow.backbone.download import BUILTIN_TINY, download, parse_hub_source
 from vlaflow.backbone.folder import verify_model_folder
 from vlaflow.backbone.tiny import SPECIAL_TOKENS
@@ -153,3 +157,38 @@ def test_weights_are_safetensors_only(tiny_backbone):
     assert not list(tiny_backbone.glob("*.bin")) and not list(tiny_backbone.glob("*.pt"))
     state = Qwen2VLForConditionalGeneration.from_pretrained(tiny_backbone).state_dict()
     assert all(torch.isfinite(tensor).all() for tensor in state.values())
+
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def hub_download(source: str, out, endpoint: str, cache) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_ENDPOINT": endpoint, "HF_HUB_OFFLINE": "0", "HF_HOME": str(cache)}
+    command = [sys.executable, "-m", "vlaflow.cli", "download", source, str(out)]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_a_hub_branch_is_downloaded_at_the_commit_it_names_which_is_recorded(tiny_backbone, tmp_path):
+    with fake_hub("org/tiny", tiny_backbone, COMMIT, branches={"main": COMMIT}) as (endpoint, requests):
+        result = hub_download("hf:org/tiny@main", tmp_path / "out", endpoint, tmp_path / "cache")
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads((tmp_path / "out" / "vlaflow_source.json").read_text())
+    assert record == {"source": "hf:org/tiny@main", "repo_id": "org/tiny", "revision": "main", "commit": COMMIT}
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() == (tiny_backbone / "model.safetensors").read_bytes()
+    assert "'main' is a branch or tag" in result.stderr and f"model.backbone: hf:org/tiny@{COMMIT}" in result.stderr
+    downloads = [request for request in requests if "/resolve/" in request]
+    assert downloads and all(f"/resolve/{COMMIT}/" in request for request in downloads)
+
+
+def test_a_pinned_hub_commit_downloads_quietly_and_a_missing_revision_is_one_line(tiny_backbone, tmp_path):
+    with fake_hub("org/tiny", tiny_backbone, COMMIT) as (endpoint, _):
+        pinned = hub_download(f"hf:org/tiny@{COMMIT}", tmp_path / "pinned", endpoint, tmp_path / "cache")
+        missing = hub_download("hf:org/tiny@no-such-branch", tmp_path / "missing", endpoint, tmp_path / "cache")
+    assert pinned.returncode == 0 and "branch or tag" not in pinned.stderr
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
+    assert (
+        missing.stderr.strip()
+        .splitlines()[-1]
+        .startswith("vlaflow download: error: hub source 'hf:org/tiny@no-such-branch': ")
+    )
+    assert not (tmp_path / "missing").exists()
