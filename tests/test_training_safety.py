@@ -42,8 +42,16 @@ def finish(process: subprocess.Popen, log) -> int:
     try:
         return process.wait(timeout=FAILURE_DEADLINE)
     except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL) if hasattr(os, "killpg") else process.kill()
+        process.kill()
         raise AssertionError(f"still running {FAILURE_DEADLINE} s after the failure:\n{log.read_text()[-3000:]}")
+
+
+def killed_after_a_checkpoint(arguments: list[str], workdir, log) -> None:
+    """Train, and SIGKILL the trainer once its first checkpoint is complete."""
+    process = start_training(arguments, log)
+    wait_for(lambda: (workdir / "checkpoint-2" / COMPLETE_MARKER).exists(), process)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
 
 
 def children_of(pid: int) -> list[int]:
@@ -110,10 +118,7 @@ def test_a_log_line_cut_by_a_kill_does_not_stop_the_resume(world, vla_folder, ml
     config = config_with(world, tmp_path / "config.yaml")
     workdir = tmp_path / "work"
     arguments = train_command(config, "stage1", vla_folder, workdir, tmp_path / "out", mlp_weights)
-    process = start_training(arguments, tmp_path / "first.log")
-    wait_for(lambda: (workdir / "checkpoint-2" / COMPLETE_MARKER).exists(), process)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    killed_after_a_checkpoint(arguments, workdir, tmp_path / "first.log")
     with (workdir / METRICS_FILE).open("a") as metrics:
         metrics.write('{"step": 3, "loss": 1.2')  # the kill came in the middle of a line
     resumed = start_training(arguments, tmp_path / "second.log")
@@ -176,10 +181,7 @@ def test_a_changed_init_model_or_mlp_file_is_never_resumed(world, vla_folder, ml
     config = stage_config(world, tmp_path / "c.yaml")
     workdir = tmp_path / "work"
     arguments = train_command(config, "stage1", vla_folder, workdir, tmp_path / "out", mlp_weights)
-    process = start_training(arguments, tmp_path / "first.log")
-    wait_for(lambda: (workdir / "checkpoint-2" / COMPLETE_MARKER).exists(), process)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    killed_after_a_checkpoint(arguments, workdir, tmp_path / "first.log")
 
     other_mlp = tmp_path / "other_mlp.safetensors"
     other_mlp.write_bytes(mlp_weights.read_bytes())
@@ -194,10 +196,7 @@ def test_an_interrupted_run_with_the_same_settings_still_resumes(world, vla_fold
     config = stage_config(world, tmp_path / "d.yaml")
     workdir = tmp_path / "work"
     arguments = train_command(config, "stage1", vla_folder, workdir, tmp_path / "out", mlp_weights)
-    process = start_training(arguments, tmp_path / "first.log")
-    wait_for(lambda: (workdir / "checkpoint-2" / COMPLETE_MARKER).exists(), process)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    killed_after_a_checkpoint(arguments, workdir, tmp_path / "first.log")
     step = int(latest_checkpoint(workdir).name.split("-")[1])
     assert start_training(arguments, tmp_path / "second.log").wait(timeout=300) == 0
     assert f"resuming from {workdir / f'checkpoint-{step}'} (step {step})" in (tmp_path / "second.log").read_text()
@@ -210,10 +209,7 @@ def test_a_work_folder_vlaflow_did_not_write_is_never_resumed(world, vla_folder,
     config = stage_config(world, tmp_path / "e.yaml")
     workdir = tmp_path / "work"
     arguments = train_command(config, "stage1", vla_folder, workdir, tmp_path / "out", mlp_weights)
-    process = start_training(arguments, tmp_path / "first.log")
-    wait_for(lambda: (workdir / "checkpoint-2" / COMPLETE_MARKER).exists(), process)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    killed_after_a_checkpoint(arguments, workdir, tmp_path / "first.log")
     for record in workdir.rglob("vlaflow_run.json"):
         record.unlink()
     assert start_training(arguments, tmp_path / "second.log").wait(timeout=300) == 0
