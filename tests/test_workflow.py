@@ -88,17 +88,23 @@ def test_a_changed_stage_setting_retrains_the_stage_rather_than_resuming_its_old
     assert [path.name.split(".")[0] for path in (tmp_path / "results" / "work").glob("*.superseded-*")] == ["stage2"]
 
 
+def snakemake_until_checkpoint(root, checkpoint):
+    """`snakemake stage1` running in the background, once training has completed `checkpoint`."""
+    process = start_snakemake(root, "--cores", "2", "stage1")
+    deadline = time.monotonic() + 600
+    while not (checkpoint / COMPLETE_MARKER).exists():
+        assert process.poll() is None, process.stdout.read()[-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    return process
+
+
 def test_a_signal_to_a_training_job_reaches_the_trainer_and_the_retry_resumes_alone(tmp_path):
     """SLURM or a user signals the job's process: the trainer must get it (no shell between them
     to orphan it), save, and leave the folder to the retry, which continues without a twin."""
     tiny_workflow(tmp_path, stages__stage1__training={"max_steps": 40, "save_steps": 5})
     work = tmp_path / "results" / "work" / "stage1"
-    process = start_snakemake(tmp_path, "--cores", "2", "stage1")
-    deadline = time.monotonic() + 600
-    while not (work / "checkpoint-5" / COMPLETE_MARKER).exists():
-        assert process.poll() is None, process.stdout.read()[-3000:]
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    process = snakemake_until_checkpoint(tmp_path, work / "checkpoint-5")
     jobs = subprocess.run(["ps", "-ww", "-o", "pid=,args=", "--ppid", str(process.pid)], capture_output=True, text=True)
     training = [line.split()[0] for line in jobs.stdout.splitlines() if "train" in line and "--stage stage1" in line]
     assert len(training) == 1, jobs.stdout  # the job's process is the trainer itself
@@ -173,12 +179,7 @@ def test_a_config_error_stops_the_workflow_before_any_job(tmp_path):
 def test_killing_snakemake_during_stage1_then_rerunning_resumes_training(tmp_path):
     tiny_workflow(tmp_path, stages__stage1__training={"max_steps": 60, "save_steps": 5})
     work = tmp_path / "results" / "work" / "stage1"
-    process = start_snakemake(tmp_path, "--cores", "2", "stage1")
-    deadline = time.monotonic() + 600
-    while not (work / "checkpoint-5" / COMPLETE_MARKER).exists():
-        assert process.poll() is None, process.stdout.read()[-3000:]
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    process = snakemake_until_checkpoint(tmp_path, work / "checkpoint-5")
     process.send_signal(signal.SIGKILL)  # the controller dies; its job keeps running, then is killed too
     process.wait()
     subprocess.run(["pkill", "-9", "-f", f"--workdir {work}"], check=False)
