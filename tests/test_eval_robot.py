@@ -13,8 +13,11 @@ from PIL import Image
 from tests.training_helpers import training_config
 from vlaflow.backbone.vla_config import make_vla_folder
 from vlaflow.data.language import TRANSFER_CUBE_INSTRUCTION
+from vlaflow.data.robot_dataset import RobotEpisodeDataset
+from vlaflow.data.stage_data import robot_spec
+from vlaflow.data.stats import NormStats
 from vlaflow.errors import VlaflowError
-from vlaflow.evaluation.policy import Policy
+from vlaflow.evaluation.policy import Policy, robot_datasets
 from vlaflow.evaluation.robot import (
     CLOSED_LOOP_FILE,
     GIF_FRAME_STRIDE,
@@ -27,7 +30,7 @@ from vlaflow.evaluation.robot import (
 )
 from vlaflow.sim.aloha import EPISODE_LENGTH, MAX_REWARD
 from vlaflow.sim.demos import record_demos
-from vlaflow.training.checkpoints import CONFIG_FILE
+from vlaflow.training.checkpoints import CONFIG_FILE, STATS_FILE
 from vlaflow.training.run import train
 
 DEMO_SIZE = (48, 64)  # (height, width) the demos are rendered at
@@ -67,10 +70,33 @@ def assert_errors_well_formed(result: dict) -> None:
 def test_open_loop_scores_every_step_of_the_held_out_episode(trained_model, tmp_path):
     result = evaluate_open_loop(trained_model, tmp_path, batch_size=32)
     assert json.loads((tmp_path / OPEN_LOOP_FILE).read_text()) == result
-    assert set(result) == {"split", "datasets", "episodes", "samples", "mse", "l1", "mse_per_dim", "l1_per_dim"}
+    assert set(result) == {
+        "split", "datasets", "episodes", "samples", "mse", "l1", "mse_per_dim", "l1_per_dim", "reference",
+    }  # fmt: skip
+    assert set(result["reference"]) == {"mean_action", "hold_state"}
+    for reference in result["reference"].values():
+        assert_errors_well_formed(reference)
     assert (result["split"], result["datasets"], result["episodes"]) == ("val", ["cube"], 1)
     assert result["samples"] == EPISODE_LENGTH
     assert_errors_well_formed(result)
+
+
+def test_trivial_policies_are_scored_on_the_same_held_out_steps(trained_model, tmp_path):
+    """Holding the current joint positions, or the training data's mean action, for the chunk."""
+    result = evaluate_open_loop(trained_model, tmp_path, batch_size=16, limit=12)
+    stats = NormStats.load(trained_model / STATS_FILE)
+    config = yaml.safe_load((trained_model / CONFIG_FILE).read_text())
+    entry = robot_datasets(config)[0]
+    samples = RobotEpisodeDataset(entry.episodes("val"), robot_spec(config, entry), stats)
+    hold, mean = [], []
+    for index in np.linspace(0, len(samples) - 1, 12).round().astype(int):
+        sample = samples[int(index)]
+        truth = stats.unnormalize_actions(sample.actions)[~sample.is_pad].astype(np.float64)
+        hold.append((truth - stats.unnormalize_state(sample.state)) ** 2)
+        mean.append((truth - stats.action_mean) ** 2)
+    assert result["reference"]["hold_state"]["mse"] == pytest.approx(np.concatenate(hold).mean(), rel=1e-5)
+    assert result["reference"]["mean_action"]["mse"] == pytest.approx(np.concatenate(mean).mean(), rel=1e-5)
+    assert result["reference"]["hold_state"]["mse"] != result["reference"]["mean_action"]["mse"]
 
 
 def test_open_loop_with_a_limit_spreads_its_samples_and_repeats_with_its_seed(trained_model, tmp_path):

@@ -34,7 +34,8 @@ def runs(tmp_path):
             runs.append(Run(label, model, (vqa_folder,)))  # no robot statistics: no robot evaluation
             continue
         closed_loop = {"success_rate": 0.5, "mean_max_reward": 2.5, "seeds": [7], "max_rewards": [4]}
-        write_json(robot_folder / "open_loop.json", {"mse": 0.0123, "l1": 0.0456})
+        reference = {"hold_state": {"mse": 0.25}, "mean_action": {"mse": 0.5}}
+        write_json(robot_folder / "open_loop.json", {"mse": 0.0123, "l1": 0.0456, "reference": reference})
         write_json(robot_folder / "closed_loop.json", closed_loop)
         runs.append(Run(label, model, (vqa_folder, robot_folder)))
     frames = [random_image(seed, (24, 32)) for seed in range(3)]
@@ -48,14 +49,27 @@ def test_forgetting_table_lines_up_each_stage_and_shows_dashes_for_what_was_not_
         "after",
         "EasyVQA accuracy",
         "open-loop MSE",
+        "hold state",
+        "mean action",
         "open-loop L1",
         "success rate",
         "mean max reward (of 4)",
     ]
     assert rows == [
-        ["vlm", "80.0%", "—", "—", "—", "—"],
-        ["stage1", "40.0%", "0.0123", "0.0456", "50.0%", "2.50"],
-        ["stage2", "70.0%", "0.0123", "0.0456", "50.0%", "2.50"],
+        ["vlm", "80.0%", "—", "—", "—", "—", "—", "—"],
+        ["stage1", "40.0%", "0.0123", "0.2500", "0.5000", "0.0456", "50.0%", "2.50"],
+        ["stage2", "70.0%", "0.0123", "0.2500", "0.5000", "0.0456", "50.0%", "2.50"],
+    ]
+
+
+def test_forgetting_csv_has_one_row_per_arm_with_fractions_and_empty_cells(runs, tmp_path):
+    write_report(runs, tmp_path / "report")
+    lines = (tmp_path / "report" / "forgetting.csv").read_text().splitlines()
+    assert lines == [
+        "arm,vqa_accuracy,open_loop_mse,open_loop_mse_hold,open_loop_mse_mean,success_rate,mean_max_reward",
+        "vlm,0.8,,,,,",
+        "stage1,0.4,0.0123,0.25,0.5,0.5,2.5",
+        "stage2,0.7,0.0123,0.25,0.5,0.5,2.5",
     ]
 
 
@@ -66,13 +80,14 @@ def test_report_command_writes_html_markdown_curves_and_rollout(runs, tmp_path, 
     assert main(arguments) == 0
     out = tmp_path / "report"
     assert sorted(path.name for path in out.iterdir()) == [
-        "loss_stage1.png", "loss_stage2.png", "loss_vlm.png", "report.html", "report.md", "rollout_stage2.gif",
+        "forgetting.csv", "loss_stage1.png", "loss_stage2.png", "loss_vlm.png", "report.html", "report.md",
+        "rollout_stage2.gif",
     ]  # fmt: skip
     for curve in out.glob("loss_*.png"):
         with Image.open(curve) as image:
             assert image.size == (600, 350)
     markdown = (out / "report.md").read_text()
-    assert "| stage1 | 40.0% | 0.0123 | 0.0456 | 50.0% | 2.50 |" in markdown
+    assert "| stage1 | 40.0% | 0.0123 | 0.2500 | 0.5000 | 0.0456 | 50.0% | 2.50 |" in markdown
     assert "| category: shape | 20.0% | 60.0% | 30.0% |" in markdown
     assert "![stage2: first rollout (seed 7, max reward 4 of 4)](rollout_stage2.gif)" in markdown
     page = (out / "report.html").read_text()

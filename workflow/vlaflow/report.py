@@ -1,7 +1,7 @@
 """`vlaflow report`: one page (HTML, and a Markdown twin) on a whole recipe run: loss curves per
 stage, the evaluation tables, a rollout of the policy, and the forgetting table, which lines up
-VQA accuracy and robot metrics after each stage. It shows what was measured; a stage that was not
-evaluated on something shows a dash."""
+VQA accuracy and robot metrics after each stage (also as `forgetting.csv`). It shows what was
+measured; a stage that was not evaluated on something shows a dash."""
 
 import html
 import json
@@ -82,10 +82,15 @@ def _percent(value) -> str:
     return DASH if value is None else f"{100 * value:.1f}%"
 
 
+def _reference_mse(open_loop: dict, policy: str) -> float | None:
+    """The open-loop MSE of a trivial policy (`hold_state`, `mean_action`) on the same steps."""
+    return open_loop.get("reference", {}).get(policy, {}).get("mse")
+
+
 def forgetting_table(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
     benchmarks = sorted({name for run in runs for name in (run.read(VQA_SUMMARY) or {})})
     header = ["after", *[f"{name} accuracy" for name in benchmarks]]
-    header += ["open-loop MSE", "open-loop L1", "success rate", "mean max reward (of 4)"]
+    header += ["open-loop MSE", "hold state", "mean action", "open-loop L1", "success rate", "mean max reward (of 4)"]
     rows = []
     for run in runs:
         vqa, open_loop, closed_loop = (
@@ -94,10 +99,46 @@ def forgetting_table(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
             run.read(CLOSED_LOOP) or {},
         )
         row = [run.label, *[_percent(vqa.get(name, {}).get("overall")) for name in benchmarks]]
-        row += [_number(open_loop.get("mse"), 4), _number(open_loop.get("l1"), 4)]
+        row += [_number(open_loop.get("mse"), 4)]
+        row += [_number(_reference_mse(open_loop, policy), 4) for policy in ("hold_state", "mean_action")]
+        row += [_number(open_loop.get("l1"), 4)]
         row += [_percent(closed_loop.get("success_rate")), _number(closed_loop.get("mean_max_reward"), 2)]
         rows.append(row)
     return header, rows
+
+
+FORGETTING_CSV_COLUMNS = (
+    "arm",
+    "vqa_accuracy",
+    "open_loop_mse",
+    "open_loop_mse_hold",
+    "open_loop_mse_mean",
+    "success_rate",
+    "mean_max_reward",
+)
+
+
+def forgetting_csv(runs: list[Run]) -> str:
+    """The forgetting table for machines: accuracies and rates as fractions, an empty cell where
+    nothing was measured; `vqa_accuracy` is the mean overall accuracy of the run's benchmarks."""
+    lines = [",".join(FORGETTING_CSV_COLUMNS)]
+    for run in runs:
+        vqa, open_loop, closed_loop = (
+            run.read(VQA_SUMMARY) or {},
+            run.read(OPEN_LOOP) or {},
+            run.read(CLOSED_LOOP) or {},
+        )
+        accuracies = [summary["overall"] for summary in vqa.values() if "overall" in summary]
+        values = (
+            sum(accuracies) / len(accuracies) if accuracies else None,
+            open_loop.get("mse"),
+            _reference_mse(open_loop, "hold_state"),
+            _reference_mse(open_loop, "mean_action"),
+            closed_loop.get("success_rate"),
+            closed_loop.get("mean_max_reward"),
+        )
+        lines.append(",".join([run.label, *("" if value is None else repr(float(value)) for value in values)]))
+    return "\n".join(lines) + "\n"
 
 
 def vqa_detail(runs: list[Run]) -> list[tuple[str, list[str], list[list[str]]]]:
@@ -155,6 +196,7 @@ def write_report(runs: list[Run], out: Path, title: str = "vlaflow run") -> Path
                 rollouts.append((run.label, name, run.read(CLOSED_LOOP) or {}))
         header, rows = forgetting_table(runs)
         details = vqa_detail(runs)
+        (staging / "forgetting.csv").write_text(forgetting_csv(runs))
         (staging / "report.md").write_text(_markdown(title, header, rows, details, curves, rollouts))
         (staging / "report.html").write_text(_html(title, header, rows, details, curves, rollouts))
     return Path(out)
@@ -163,7 +205,8 @@ def write_report(runs: list[Run], out: Path, title: str = "vlaflow run") -> Path
 FORGETTING_NOTE = (
     "VQA accuracy (vision-language expert) and robot metrics (robot expert) after each stage: "
     "stage 1 trains on robot data only, stage 2 co-trains with vision-language data to win back "
-    "what stage 1 made the model forget."
+    "what stage 1 made the model forget. For scale, two trivial policies are scored on the same "
+    "held-out steps: holding the current joint positions, and the training data's mean action."
 )
 
 

@@ -51,6 +51,11 @@ class NormStats:
     def normalize_state(self, state: np.ndarray) -> np.ndarray:
         return ((state - self.state_mean) / np.maximum(self.state_std, STATE_STD_FLOOR)).astype(np.float32)
 
+    def unnormalize_state(self, state: np.ndarray) -> np.ndarray:
+        return (
+            np.asarray(state, dtype=np.float64) * np.maximum(self.state_std, STATE_STD_FLOOR) + self.state_mean
+        ).astype(np.float32)
+
     def normalize_actions(self, actions: np.ndarray) -> np.ndarray:
         return ((actions - self.action_min) / self._action_range() * 2 - 1).astype(np.float32)
 

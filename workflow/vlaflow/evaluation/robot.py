@@ -82,7 +82,11 @@ def evaluate_open_loop(
 ) -> dict:
     """Predict the action chunk of every time step of the split's episodes (at most `limit`
     steps, evenly spread) and compare it with the recorded chunk over its unpadded rows: MSE and
-    L1 in the robot's units, overall and per action dimension. Writes `open_loop.json`."""
+    L1 in the robot's units, overall and per action dimension. Two trivial policies are scored on
+    the same steps, for scale (`reference`): "mean_action", the training data's mean action at
+    every step of the chunk, and, where actions are joint positions like the state (as many action
+    as state values), "hold_state", the current state kept for the whole chunk. Writes
+    `open_loop.json`."""
     if batch_size < 1:
         raise VlaflowError(f"the batch size must be at least 1, not {batch_size}")
     if limit is not None and limit < 1:
@@ -103,25 +107,38 @@ def evaluate_open_loop(
 
     started = time.perf_counter()
     errors = _ErrorSums(policy.action_dim)
+    references = {"mean_action": _ErrorSums(policy.action_dim)}
+    if policy.action_dim == policy.state_dim:
+        references["hold_state"] = _ErrorSums(policy.action_dim)
     for start in range(0, len(indices), batch_size):
         batch = [samples[int(index)] for index in indices[start : start + batch_size]]
+        states = np.stack([sample.state for sample in batch])
         predicted = policy.predict(
-            [sample.images for sample in batch],
-            np.stack([sample.state for sample in batch]),
-            [sample.instruction for sample in batch],
+            [sample.images for sample in batch], states, [sample.instruction for sample in batch]
         ).actions
         truth = policy.stats.unnormalize_actions(np.stack([sample.actions for sample in batch]))
-        errors.add(predicted, truth, ~np.stack([sample.is_pad for sample in batch]))
+        valid = ~np.stack([sample.is_pad for sample in batch])
+        errors.add(predicted, truth, valid)
+        references["mean_action"].add(np.broadcast_to(policy.stats.action_mean, truth.shape), truth, valid)
+        if "hold_state" in references:
+            held = policy.stats.unnormalize_state(states)[:, None, :]
+            references["hold_state"].add(np.broadcast_to(held, truth.shape), truth, valid)
     result = {
         "split": split,
         "datasets": [entry.name for entry in entries],
         "episodes": episodes,
         "samples": len(indices),
         **errors.metrics(),
+        "reference": {name: sums.metrics() for name, sums in references.items()},
     }
     _write_json(out, result)
     seconds = time.perf_counter() - started
-    print(f"open loop: MSE {result['mse']:.5g}, L1 {result['l1']:.5g} ({seconds:.1f} s) -> {out}", flush=True)
+    reference = ", ".join(f"{name} {value['mse']:.5g}" for name, value in result["reference"].items())
+    print(
+        f"open loop: MSE {result['mse']:.5g} (trivial policies: {reference}), L1 {result['l1']:.5g} "
+        f"({seconds:.1f} s) -> {out}",
+        flush=True,
+    )
     return result
 
 
