@@ -11,7 +11,7 @@ from PIL import Image
 
 from tests.slurm_cluster import SlurmUnavailable, alive, slurm_cluster
 from vlaflow.backbone.download import BUILTIN_TINY, BUILTIN_TINY_RELEASE, download
-from vlaflow.backbone.mlp_weights import load_vla_with_moe_init, save_mlp_weights
+from vlaflow.backbone.mlp_weights import load_vla_with_mlp_init, save_mlp_weights
 from vlaflow.backbone.vla_config import make_vla_folder
 from vlaflow.data.collator import Collator
 from vlaflow.data.samples import RobotSample, VLSample
@@ -58,7 +58,7 @@ def processor(vla_folder) -> Qwen2VLAProcessor:
 def vla_model(vla_folder, mlp_weights):
     """The stage-1 starting point: both experts copied from the backbone's MLP."""
     torch.manual_seed(0)
-    return load_vla_with_moe_init(vla_folder, mlp_weights)
+    return load_vla_with_mlp_init(vla_folder, mlp_weights)
 
 
 def random_image(seed: int, size=(64, 64)) -> Image.Image:

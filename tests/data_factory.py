@@ -94,13 +94,27 @@ def make_data_root(root: Path, *, episodes: int = 3, length: int = 10, vl_count:
     return root / "datasets.yaml"
 
 
+def recipe_stages(robot: str = "robot_a", vl: str = "vl_a", mix: dict | None = None) -> dict:
+    """The stage table of the embedded default's recipe (vlm, stage1, stage2) over these datasets."""
+    return {
+        "vlm": {"from": "backbone", "mlp_init": True, "freeze": ["robot_expert", "policy_head", "reasoning_conditioner"], "vl": [vl]},
+        "stage1": {"from": "vlm", "mlp_init": True, "freeze": ["vl_expert"], "robot": [robot]},
+        "stage2": {"from": "stage1", "robot": [robot], "vl": [vl], "mix": mix or {"vl_ratio": 0.33}},
+    }
+
+
+def data_stage(**settings) -> dict:
+    """A stage row for tests of the data alone: it starts from the backbone."""
+    return {"from": "backbone", "mlp_init": True, **settings}
+
+
 def make_config(path: Path, root: Path, **stages) -> Path:
-    """A workflow config over `make_data_root`'s data, with the given stages (default: stage 2
+    """A workflow config over `make_data_root`'s data, with the given stages (default: one stage
     mixing both datasets at vl_ratio 0.33)."""
     config = {
         "model": {"action_dim": ACTION_DIM, "state_dim": STATE_DIM, "chunk_size": CHUNK_SIZE},
         "data": {"root": str(root), "registry": str(root / "datasets.yaml"), "image_size": [32, 32], "max_length": 256},
-        "stages": stages or {"stage2": {"robot": ["robot_a"], "vl": ["vl_a"], "mix": {"vl_ratio": 0.33}}},
+        "stages": stages or {"stage2": data_stage(robot=["robot_a"], vl=["vl_a"], mix={"vl_ratio": 0.33})},
     }
     path.write_text(yaml.safe_dump(config))
     return path

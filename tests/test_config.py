@@ -27,8 +27,9 @@ def test_empty_config_gets_every_default():
 
 
 def test_stage_lists_and_mix_weight_default():
-    config = validate_config({"stages": {"stage2": {"robot": ["a"], "mix": {"vl_ratio": 0.33}}}})
-    assert config["stages"]["stage2"]["vl"] == []
+    config = validate_config({"stages": {"stage2": {"from": "backbone", "mlp_init": True, "robot": ["a"], "mix": {"vl_ratio": 0.33}}}})
+    assert config["stages"]["stage2"]["vl"] == [] and config["stages"]["stage2"]["freeze"] == []
+    assert config["stages"]["stage2"]["moe"] is True
     assert config["stages"]["stage2"]["mix"] == {"vl_ratio": 0.33, "vl_loss_weight": 1.0}
 
 
@@ -38,18 +39,19 @@ def test_stage_lists_and_mix_weight_default():
         ({"data": {"camera": ["top"]}}, "cfg: data: Additional properties are not allowed ('camera' was unexpected)"),
         ({"model": {"chunk_size": 0}}, "cfg: model.chunk_size: 0 is less than the minimum of 1"),
         ({"data": {"image_size": [64]}}, "cfg: data.image_size: [64] is too short"),
-        ({"stages": {"stage3": {}}}, "cfg: stages: Additional properties are not allowed ('stage3' was unexpected)"),
-        ({"stages": {"stage2": {"vl": ["a%x"]}}}, "cfg: stages.stage2.vl.0: 'a%x' does not match"),
+        ({"stages": {"stage3": {}}}, "cfg: stages.stage3: 'from' is a required property"),
+        ({"stages": {"stage 3": {"from": "backbone"}}}, "cfg: stages: 'stage 3' does not match"),
+        ({"stages": {"stage2": {"from": "backbone", "vl": ["a%x"]}}}, "cfg: stages.stage2.vl.0: 'a%x' does not match"),
         (
-            {"stages": {"stage2": {"mix": {"vl_batch_fraction": 1.5}}}},
+            {"stages": {"stage2": {"from": "backbone", "mix": {"vl_batch_fraction": 1.5}}}},
             "cfg: stages.stage2.mix.vl_batch_fraction: 1.5 is greater than",
         ),
         (
-            {"stages": {"stage2": {"mix": {"vl_ratio": 0.3, "vl_batch_fraction": 0.2}}}},
+            {"stages": {"stage2": {"from": "backbone", "mix": {"vl_ratio": 0.3, "vl_batch_fraction": 0.2}}}},
             "cfg: stages.stage2.mix: set vl_ratio or vl_batch_fraction, not both",
         ),
         (
-            {"stages": {"stage2": {"mix": {"vl_ratio": -0.5}}}},
+            {"stages": {"stage2": {"from": "backbone", "mix": {"vl_ratio": -0.5}}}},
             "cfg: stages.stage2.mix.vl_ratio: must be -1 (all VL data) or >= 0",
         ),
         (["a", "list"], "cfg: expected a mapping of keys, got list"),
@@ -71,12 +73,22 @@ def test_malformed_yaml_names_the_line(tmp_path):
 
 def test_shipped_default_is_valid_and_lists_the_embedded_datasets():
     config = load_config(SHIPPED)
+    assert list(config["stages"]) == ["vlm", "baseline", "stage1", "stage2"]
     assert config["stages"]["stage2"] == {
+        "from": "stage1",
+        "moe": True,
+        "mlp_init": False,
+        "freeze": [],
         "robot": ["aloha_sim_transfer_cube"],
         "vl": ["easy_vqa"],
         "mix": {"vl_ratio": 0.33, "vl_loss_weight": 1.0},
     }
-    assert yaml.safe_load(SHIPPED.read_text())["stages"]["stage1"] == {"robot": ["aloha_sim_transfer_cube"]}
+    assert yaml.safe_load(SHIPPED.read_text())["stages"]["baseline"] == {
+        "from": "vlm",
+        "moe": False,
+        "mlp_init": True,
+        "robot": ["aloha_sim_transfer_cube"],
+    }
 
 
 def test_published_recipe_is_valid_and_names_the_gpu_environment():

@@ -12,6 +12,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from tests.data_factory import data_stage
 from tests.training_helpers import REPO, losses, start_training, train_command, training_config, training_world
 from vlaflow.data.mixing import Mix, epoch_order
 from vlaflow.training.checkpoints import METRICS_FILE
@@ -73,7 +74,10 @@ def stage2_config(world, name: str, *, batch_size: int, deepspeed: str | None):
             "max_grad_norm": 0.0,
             "deepspeed": deepspeed,
         },
-        stages={"stage2": {"robot": ["robot_a"], "vl": ["vl_text"], "mix": {"vl_ratio": mix.vl_ratio}}},
+        stages={
+            "stage1": data_stage(robot=["robot_a"]),
+            "stage2": {"from": "stage1", "robot": ["robot_a"], "vl": ["vl_text"], "mix": {"vl_ratio": mix.vl_ratio}},
+        },
     )
     settings = yaml.safe_load(config.read_text())
     settings["data"]["seed"] = seed

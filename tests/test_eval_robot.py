@@ -10,6 +10,7 @@ import pytest
 import yaml
 from PIL import Image
 
+from tests.data_factory import data_stage
 from tests.training_helpers import training_config
 from vlaflow.backbone.vla_config import make_vla_folder
 from vlaflow.data.language import TRANSFER_CUBE_INSTRUCTION
@@ -49,7 +50,7 @@ def trained_model(tiny_backbone, mlp_weights, tmp_path_factory):
         root / "config.yaml",
         data,
         training={"max_steps": 5, "save_steps": 5},
-        stages={"stage1": {"robot": ["cube"]}},
+        stages={"stage1": data_stage(robot=["cube"], freeze=["vl_expert"])},
     )
     config = yaml.safe_load(config_path.read_text())
     config["model"] = ALOHA

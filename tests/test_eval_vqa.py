@@ -191,9 +191,10 @@ def test_scores_and_accuracies_per_split_category_and_l2_category(variants_tsv):
         ("l2-category", "identify", 2, 2),
         ("l2-category", "judge", 0, 1),
     ]
-    assert benchmark_summary(table) == {
+    assert benchmark_summary(table, questions) == {
         "overall": 0.5,
         "total": 4,
+        "chance": pytest.approx((1 / 3 + 1 / 5 + 1 / 2 + 1 / 5) / 4),  # 3, 5, 2 and 5 options
         "split": {"dev": 1.0, "validation": 0.0},
         "category": {"color": 1.0, "count": 0.0, "shape": 1.0, "size": 0.0},
         "l2-category": {"identify": 1.0, "judge": 0.0},

@@ -9,8 +9,8 @@ from transformers import Qwen2VLForConditionalGeneration
 
 from vlaflow.backbone.mlp_weights import (
     PROJECTIONS,
-    init_experts_from_mlp_weights,
-    load_vla_with_moe_init,
+    init_mlps_from_weights,
+    load_vla_with_mlp_init,
     mlp_key,
     save_mlp_weights,
 )
@@ -68,7 +68,7 @@ def test_backbones_in_either_weight_layout_work_end_to_end(
     other_layout = module_layout(tiny_backbone, tmp_path)
     other_mlp = save_mlp_weights(other_layout, tmp_path / "other_mlp.safetensors")
     assert load_file(other_mlp).keys() == load_file(mlp_weights).keys()
-    model = load_vla_with_moe_init(make_vla_folder(other_layout, tmp_path / "vla"), other_mlp).eval()
+    model = load_vla_with_mlp_init(make_vla_folder(other_layout, tmp_path / "vla"), other_mlp).eval()
     vla_model.eval()
     inputs = {
         key: mixed_batch[key]
@@ -80,7 +80,7 @@ def test_backbones_in_either_weight_layout_work_end_to_end(
     # a file written by upstream-style tools with the old names initialises the experts too
     old_names = {key.replace("model.language_model.", "model."): t for key, t in load_file(mlp_weights).items()}
     save_file(old_names, tmp_path / "old_names.safetensors")
-    init_experts_from_mlp_weights(model, tmp_path / "old_names.safetensors")
+    init_mlps_from_weights(model, tmp_path / "old_names.safetensors")
 
 
 @pytest.mark.parametrize(
@@ -107,7 +107,7 @@ def test_a_wrong_mlp_file_is_an_error_naming_the_key_and_changes_nothing(
     save_file(tensors, tmp_path / "edited.safetensors")
     before = {name: p.clone() for name, p in vla_model.named_parameters()}
     with pytest.raises(MLPWeightsError, match=message):
-        init_experts_from_mlp_weights(vla_model, tmp_path / "edited.safetensors")
+        init_mlps_from_weights(vla_model, tmp_path / "edited.safetensors")
     assert all(torch.equal(before[name], p) for name, p in vla_model.named_parameters())
 
 

@@ -189,7 +189,7 @@ def test_diffusion_noising_is_fp32_in_a_bf16_head(vla_model):
 
 
 def test_freeze_vl_expert_leaves_expert_0_bit_identical_after_a_step(vla_model, mixed_batch):
-    vla_model.freeze_vl_expert()
+    vla_model.freeze("vl_expert")
     vla_model.train()
     before = {name: p.detach().clone() for name, p in vla_model.named_parameters()}
     optimizer = torch.optim.AdamW([p for p in vla_model.parameters() if p.requires_grad], lr=1e-2)

@@ -23,6 +23,7 @@ from transformers import (
 )
 
 from tests.conftest import ACTION_DIM, CHUNK_SIZE, FIXTURES, STATE_DIM, random_image
+from tests.data_factory import data_stage
 from tests.training_helpers import REPO, VLAFLOW, losses, train_command, training_config, training_world
 from vlaflow.backbone.download import BUILTIN_TINY_RELEASE
 from vlaflow.backbone.tiny import CHAT_TEMPLATE, TEXT_CONFIG, VISION_CONFIG
@@ -219,8 +220,8 @@ def test_the_recipe_runs_from_the_release_layout_through_the_command_line(releas
         data,
         training={"max_steps": 2, "save_steps": 2},
         stages={
-            "stage1": {"robot": ["robot_a"]},
-            "stage2": {"robot": ["robot_a"], "vl": ["vl_a"], "mix": {"vl_ratio": 0.33}},  # ChatVLA's mix
+            "stage1": data_stage(robot=["robot_a"], freeze=["vl_expert"]),
+            "stage2": {"from": "stage1", "robot": ["robot_a"], "vl": ["vl_a"], "mix": {"vl_ratio": 0.33}},  # ChatVLA's mix
         },
     )
     vla, mlp = tmp_path / "vla", tmp_path / "mlp.safetensors"

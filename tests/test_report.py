@@ -17,7 +17,8 @@ def write_json(path, value):
 
 
 def vqa(overall, by_category):
-    return {"EasyVQA": {"overall": overall, "total": 10, "split": {"test": overall}, "category": by_category}}
+    summary = {"overall": overall, "total": 10, "chance": 0.45, "split": {"test": overall}, "category": by_category}
+    return {"EasyVQA": summary}
 
 
 @pytest.fixture
@@ -59,6 +60,7 @@ def test_forgetting_table_lines_up_each_stage_and_shows_dashes_for_what_was_not_
         ["vlm", "80.0%", "—", "—", "—", "—", "—", "—"],
         ["stage1", "40.0%", "0.0123", "0.2500", "0.5000", "0.0456", "50.0%", "2.50"],
         ["stage2", "70.0%", "0.0123", "0.2500", "0.5000", "0.0456", "50.0%", "2.50"],
+        ["chance", "45.0%", "—", "—", "—", "—", "—", "—"],
     ]
 
 
@@ -81,17 +83,27 @@ def test_report_command_writes_html_markdown_curves_and_rollout(runs, tmp_path, 
     out = tmp_path / "report"
     assert sorted(path.name for path in out.iterdir()) == [
         "forgetting.csv", "loss_stage1.png", "loss_stage2.png", "loss_vlm.png", "report.html", "report.md",
-        "rollout_stage2.gif",
+        "rollout_stage2.gif", "vqa_vs_robot_error.png",
     ]  # fmt: skip
+    with Image.open(out / "vqa_vs_robot_error.png") as image:
+        assert image.size == (600, 400)
     for curve in out.glob("loss_*.png"):
         with Image.open(curve) as image:
             assert image.size == (600, 350)
     markdown = (out / "report.md").read_text()
     assert "| stage1 | 40.0% | 0.0123 | 0.2500 | 0.5000 | 0.0456 | 50.0% | 2.50 |" in markdown
     assert "| category: shape | 20.0% | 60.0% | 30.0% |" in markdown
+    assert "| chance | 45.0% | 45.0% | 45.0% |" in markdown
+    assert "](vqa_vs_robot_error.png)" in markdown
     assert "![stage2: first rollout (seed 7, max reward 4 of 4)](rollout_stage2.gif)" in markdown
     page = (out / "report.html").read_text()
     assert page.startswith("<!doctype html>") and "<td>70.0%</td>" in page and 'src="loss_vlm.png"' in page
+
+
+def test_without_an_arm_that_has_both_measures_there_is_no_accuracy_error_plot(runs, tmp_path):
+    write_report(runs[:1], tmp_path / "report")  # the VLM alone: VQA, no robot error
+    assert not (tmp_path / "report" / "vqa_vs_robot_error.png").exists()
+    assert "vqa_vs_robot_error" not in (tmp_path / "report" / "report.html").read_text()
 
 
 def test_missing_folders_and_broken_files_are_named(runs, tmp_path):

@@ -14,10 +14,10 @@ from tests.workflow_helpers import embedded_workflow, snakemake
 
 pytestmark = pytest.mark.slow
 
-GPU_RULES = {"vlm", "stage1", "stage2", "eval_vqa", "eval_robot"}
+GPU_RULES = {"train", "eval_vqa", "eval_robot"}
 EXPECTED_JOBS = Counter(
-    download=1, vla_config=1, mlp_weights=1, easy_vqa=1, aloha_demos=1, data_check=1, vlm=1, vlm_mlp_weights=1,
-    stage1=1, stage2=1, eval_vqa=3, eval_robot=2, report=1,
+    download=1, vla_config=1, mlp_weights=1, easy_vqa=1, aloha_demos=1, data_check=1, train=4, stage_mlp_weights=1,
+    eval_vqa=4, eval_robot=3, report=1,
 )  # fmt: skip
 
 
@@ -36,16 +36,16 @@ def test_the_embedded_default_runs_as_slurm_jobs(cluster, tmp_path):
     # The profile's resources reached the scheduler: a GPU for training and evaluation only.
     assert {job.rule for job in jobs if job.gpus == 1} == GPU_RULES
     assert all(job.gpus == 0 for job in jobs if job.rule not in GPU_RULES)
-    assert {job.rule: job.mem_mb for job in jobs}["stage1"] == 4000
+    assert {job.mem_mb for job in jobs if job.rule == "train"} == {4000}
 
     results = tmp_path / "results"
     demos = tmp_path / "resources" / "data" / "aloha_sim_transfer_cube"
     assert sorted(path.name for path in demos.glob("*.hdf5")) == [f"episode_{i:04d}.hdf5" for i in range(3)]
     assert (tmp_path / "resources" / "LMUData" / "EasyVQA.tsv").is_file()
-    for stage in ("vlm", "stage1", "stage2"):
+    for stage in ("vlm", "baseline", "stage1", "stage2"):
         assert (results / "models" / stage / "model.safetensors").is_file()
         assert (results / "eval" / stage / "vqa" / "vqa_summary.json").is_file()
-    for stage in ("stage1", "stage2"):
+    for stage in ("baseline", "stage1", "stage2"):
         for name in ("open_loop.json", "closed_loop.json", "rollout.gif"):
             assert (results / "eval" / stage / "robot" / name).is_file(), (stage, name)
     assert (results / "report" / "report.html").is_file()

@@ -66,9 +66,9 @@ def test_vla_folder_loads_as_the_vla_model_through_the_auto_classes(vla_folder, 
 def test_backbone_folder_is_byte_identical_after_the_whole_init(tiny_backbone, tmp_path):
     before = folder_fingerprint(tiny_backbone)
     vla = make_vla_folder(tiny_backbone, tmp_path / "vla")
-    from vlaflow.backbone.mlp_weights import load_vla_with_moe_init, save_mlp_weights
+    from vlaflow.backbone.mlp_weights import load_vla_with_mlp_init, save_mlp_weights
 
-    model = load_vla_with_moe_init(vla, save_mlp_weights(tiny_backbone, tmp_path / "mlp.safetensors"))
+    model = load_vla_with_mlp_init(vla, save_mlp_weights(tiny_backbone, tmp_path / "mlp.safetensors"))
     model.save_pretrained(tmp_path / "saved")
     assert folder_fingerprint(tiny_backbone) == before
 

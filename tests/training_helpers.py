@@ -11,7 +11,7 @@ from pathlib import Path
 import yaml
 
 from tests.conftest import ACTION_DIM, CHUNK_SIZE, STATE_DIM
-from tests.data_factory import make_data_root
+from tests.data_factory import make_data_root, recipe_stages
 
 REPO = Path(__file__).parents[1]
 
@@ -45,11 +45,7 @@ def training_config(path: Path, root: Path, *, training: dict | None = None, sta
             **(training or {}),
         },
         "stages": stages
-        or {
-            "vlm": {"vl": ["vl_a"]},
-            "stage1": {"robot": ["robot_a"]},
-            "stage2": {"robot": ["robot_a"], "vl": ["vl_a"], "mix": {"vl_batch_fraction": 0.5}},
-        },
+        or recipe_stages(mix={"vl_batch_fraction": 0.5}),
     }
     path.write_text(yaml.safe_dump(config))
     return path

@@ -10,7 +10,7 @@ from pathlib import Path
 import yaml
 
 from tests.conftest import ACTION_DIM, CHUNK_SIZE, STATE_DIM
-from tests.data_factory import make_data_root
+from tests.data_factory import make_data_root, recipe_stages
 from vlaflow.data.easy_vqa import build_easy_vqa_benchmark
 
 REPO = Path(__file__).parents[1]
@@ -32,11 +32,7 @@ def tiny_workflow(root: Path, **overrides) -> Path:
             "vqa": {"benchmarks": ["EasyVQA"], "lmudata": str(root / "LMUData"), "max_new_tokens": 2},
             "robot": {"episodes": 0},
         },
-        "stages": {
-            "vlm": {"vl": ["vl_a"]},
-            "stage1": {"robot": ["robot_a"]},
-            "stage2": {"robot": ["robot_a"], "vl": ["vl_a"], "mix": {"vl_ratio": 0.5}},
-        },
+        "stages": recipe_stages(mix={"vl_ratio": 0.5}),
     }
     for key, value in overrides.items():
         section, _, name = key.partition("__")

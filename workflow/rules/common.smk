@@ -2,14 +2,20 @@
 import json
 import os
 
+from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
-from vlaflow.config import check_rules, write_config
+from vlaflow.config import ConfigError, check_rules, write_config
+from vlaflow.stages import ROBOT_CONTROL, VQA, stage_table
 
 # Defaults are filled in here, and a wrong type or unknown key stops the workflow before any job.
 CONFIG_SOURCE = workflow.configfiles[-1]
 validate(config, "../schemas/config.schema.yaml")
-check_rules(config, CONFIG_SOURCE)
+try:
+    check_rules(config, CONFIG_SOURCE)
+except ConfigError as error:
+    # one line naming the file and the key, not a traceback through vlaflow's modules
+    raise WorkflowError(str(error)) from None
 
 RESULTS = config["results"]
 # The vlaflow commands read the config as Snakemake resolved it (the config file, any --config
@@ -17,8 +23,13 @@ RESULTS = config["results"]
 CONFIG_FILE = f"{RESULTS}/config.yaml"
 write_config(config, CONFIG_FILE)
 DATA_ROOT = config["data"]["root"]
-STAGES = [stage for stage in ("vlm", "stage1", "stage2") if stage in config["stages"]]
-ROBOT_STAGES = [stage for stage in STAGES if config["stages"][stage].get("robot")]
+# The stage table (config `stages`): every training arm, what it starts from and what follows it.
+STAGE_TABLE = stage_table(config, CONFIG_SOURCE)
+STAGES = list(STAGE_TABLE)
+VQA_STAGES = [name for name, stage in STAGE_TABLE.items() if VQA in stage.evaluations]
+ROBOT_STAGES = [
+    name for name, stage in STAGE_TABLE.items() if ROBOT_CONTROL in stage.evaluations
+]
 ENV = os.path.join(workflow.basedir, config["conda_env"])
 # Training, evaluation and the simulator demos ask for 8 threads: under the README's `--cores 8`
 # they run one at a time, each on every CPU it may use (vlaflow caps its threads and processes at
@@ -32,7 +43,8 @@ BENCHMARKS = f"{RESULTS}/benchmarks"
 
 
 wildcard_constraints:
-    stage="|".join(STAGES),
+    stage="|".join(STAGES) or "(?!)",
+    vqa_stage="|".join(VQA_STAGES) or "(?!)",
     robot_stage="|".join(ROBOT_STAGES) or "(?!)",
 
 
@@ -138,37 +150,29 @@ def launch_resources():
     return {"gpu": per_node}
 
 
-def train_inputs(stage):
-    inputs = {"check": rules.data_check.output, "data": embedded_data(stage)}
-    if stage == "vlm" or (stage == "stage1" and "vlm" not in STAGES):
-        inputs.update(init=rules.vla_config.output[0], mlp=rules.mlp_weights.output[0])
-    elif stage == "stage1":
-        inputs.update(
-            init=result("models/vlm"), mlp=result("vlm_mlp_weights.safetensors")
-        )
+def train_inputs(w):
+    """What a stage's training job reads: the model it starts from (the VLA folder, or another
+    stage's model) and, with mlp_init, that model's saved MLP weights."""
+    stage = STAGE_TABLE[w.stage]
+    inputs = {"check": rules.data_check.output, "data": embedded_data(stage.name)}
+    if stage.starts_from_backbone:
+        inputs["init"] = rules.vla_config.output[0]
+        mlp = rules.mlp_weights.output[0]
     else:
-        inputs.update(init=result("models/stage1"))
+        inputs["init"] = result(f"models/{stage.start}")
+        mlp = result(f"{stage.start}_mlp_weights.safetensors")
+    if stage.mlp_init:
+        inputs["mlp"] = mlp
     return inputs
-
-
-def train_params(stage):
-    mlp = train_inputs(stage).get("mlp")
-    return {
-        "stage": stage,
-        "config": CONFIG_FILE,
-        "launch": launch("train"),
-        "workdir": result(f"work/{stage}"),
-        "mlp": ["--mlp-weights", mlp] if mlp else [],
-        "settings": fingerprint("data", "model", "training", stage=stage),
-    }
 
 
 def report_runs(w):
     """`vlaflow report`'s --run arguments, one word each (the rule quotes them)."""
     arguments = []
     for stage in STAGES:
-        folders = [result(f"eval/{stage}/vqa")] + (
-            [result(f"eval/{stage}/robot")] if stage in ROBOT_STAGES else []
-        )
+        folders = [
+            result(f"eval/{stage}/{evaluation}")
+            for evaluation in STAGE_TABLE[stage].evaluations
+        ]
         arguments += ["--run", stage, result(f"models/{stage}"), *folders]
     return arguments

@@ -1,21 +1,22 @@
-# VQA benchmarks with the vision-language expert after every stage; robot control (held-out
-# episodes, simulator episodes) after the stages that trained on robot data. Their settings are
+# The evaluations the stage table names for each stage (by default: VQA benchmarks with the
+# vision-language expert after every stage, robot control on held-out and simulator episodes after
+# the stages whose model acts on robot data). Their settings are
 # their own params: changing them reruns evaluation only.
 
 
 rule eval_vqa:
     input:
-        model=result("models/{stage}"),
+        model=result("models/{vqa_stage}"),
         benchmarks=[
             f"{LMUDATA}/{name}.tsv"
             for name in config["evaluation"]["vqa"]["benchmarks"]
         ],
     output:
-        directory(result("eval/{stage}/vqa")),
+        directory(result("eval/{vqa_stage}/vqa")),
     log:
-        f"{LOGS}/eval_vqa_{{stage}}.log",
+        f"{LOGS}/eval_vqa_{{vqa_stage}}.log",
     benchmark:
-        f"{BENCHMARKS}/eval_vqa_{{stage}}.tsv"
+        f"{BENCHMARKS}/eval_vqa_{{vqa_stage}}.tsv"
     conda:
         ENV
     container:

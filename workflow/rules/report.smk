@@ -5,7 +5,7 @@
 rule report:
     input:
         models=expand(result("models/{stage}"), stage=STAGES),
-        vqa=expand(result("eval/{stage}/vqa"), stage=STAGES),
+        vqa=expand(result("eval/{stage}/vqa"), stage=VQA_STAGES),
         robot=expand(result("eval/{stage}/robot"), stage=ROBOT_STAGES),
     output:
         report(directory(result("report")), htmlindex="report.html", category="vlaflow"),

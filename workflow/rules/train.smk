@@ -1,63 +1,18 @@
-# VLM-only training (when the config has a `vlm` stage), stage 1 and stage 2. Each keeps its
-# resumable checkpoints in results/work/<stage>, outside the declared output: a retried or rerun
+# One training rule for every stage of the stage table (config `stages`): each keeps its
+# resumable checkpoints in results/work/<stage>, outside the declared output, so a retried or rerun
 # job continues from its last checkpoint, and the model folder appears only when training ends.
-# `exec`: the job's signals (a scheduler's SIGTERM) reach the launcher or trainer, not only the
-# shell. The launch prefix is built from the schema's enum and integers alone; every other value
-# is quoted.
-TRAIN = (
-    "exec {params.launch} --config {params.config:q} --stage {params.stage:q} --init {input.init:q} "
-    "{params.mlp:q} --workdir {params.workdir:q} --out {output:q} > {log:q} 2>&1"
-)
+# Each stage's name is also a target (`snakemake stage1`).
 
 
-if "vlm" in STAGES:
-
-    rule vlm:
-        input:
-            **train_inputs("vlm"),
-        output:
-            directory(result("models/vlm")),
-        log:
-            f"{LOGS}/vlm.log",
-        benchmark:
-            f"{BENCHMARKS}/vlm.tsv"
-        retries: 2
-        conda:
-            ENV
-        container:
-            config["container"]
-        threads: HEAVY_THREADS
-        resources:
-            **launch_resources(),
-        params:
-            **train_params("vlm"),
-        shell:
-            TRAIN
-
-    rule vlm_mlp_weights:
-        input:
-            rules.vlm.output,
-        output:
-            result("vlm_mlp_weights.safetensors"),
-        log:
-            f"{LOGS}/vlm_mlp_weights.log",
-        conda:
-            ENV
-        container:
-            config["container"]
-        shell:
-            "exec vlaflow save-mlp-weights {input:q} {output:q} > {log:q} 2>&1"
-
-
-rule stage1:
+rule train:
     input:
-        **train_inputs("stage1"),
+        unpack(train_inputs),
     output:
-        directory(result("models/stage1")),
+        directory(result("models/{stage}")),
     log:
-        f"{LOGS}/stage1.log",
+        f"{LOGS}/{{stage}}.log",
     benchmark:
-        f"{BENCHMARKS}/stage1.tsv"
+        f"{BENCHMARKS}/{{stage}}.tsv"
     retries: 2
     conda:
         ENV
@@ -67,34 +22,47 @@ rule stage1:
     resources:
         **launch_resources(),
     params:
-        **train_params("stage1"),
+        config=CONFIG_FILE,
+        # built from the schema's enum and integers alone; every other value is quoted
+        launch=launch("train"),
+        workdir=lambda w: result(f"work/{w.stage}"),
+        mlp=lambda w, input: (
+            ["--mlp-weights", input.mlp] if "mlp" in input.keys() else []
+        ),
+        settings=lambda w: fingerprint("data", "model", "training", stage=w.stage),
+    # `exec`: the job's signals (a scheduler's SIGTERM) reach the launcher or trainer, not only the shell
     shell:
-        TRAIN
+        "exec {params.launch} --config {params.config:q} --stage {wildcards.stage:q} --init {input.init:q} "
+        "{params.mlp:q} --workdir {params.workdir:q} --out {output:q} > {log:q} 2>&1"
 
 
-rule stage2:
+# A stage's MLP weights (its VL expert, or its dense MLP), for the stages that start from it with mlp_init.
+rule stage_mlp_weights:
     input:
-        **train_inputs("stage2"),
+        result("models/{stage}"),
     output:
-        directory(result("models/stage2")),
+        result("{stage}_mlp_weights.safetensors"),
     log:
-        f"{LOGS}/stage2.log",
-    benchmark:
-        f"{BENCHMARKS}/stage2.tsv"
-    retries: 2
+        f"{LOGS}/{{stage}}_mlp_weights.log",
     conda:
         ENV
     container:
         config["container"]
-    threads: HEAVY_THREADS
-    resources:
-        **launch_resources(),
-    params:
-        **train_params("stage2"),
     shell:
-        TRAIN
+        "exec vlaflow save-mlp-weights {input:q} {output:q} > {log:q} 2>&1"
 
 
-rule stage2_ckpt:
-    input:
-        rules.stage2.output,
+for name in STAGES:
+
+    rule:
+        name:
+            name
+        input:
+            result(f"models/{name}"),
+
+
+if "stage2" in STAGES:
+
+    rule stage2_ckpt:
+        input:
+            result("models/stage2"),

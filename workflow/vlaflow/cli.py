@@ -274,11 +274,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_data_commands(commands)
 
-    train = commands.add_parser("train", help="train one stage (vlm, stage1, stage2); resumes by itself")
+    train = commands.add_parser("train", help="train one stage of the config's stage table; resumes by itself")
     train.add_argument("--config", type=Path, required=True)
-    train.add_argument("--stage", required=True, choices=("vlm", "stage1", "stage2"))
+    train.add_argument("--stage", required=True, help="a key of the config's stages")
     train.add_argument("--init", type=Path, required=True, help="the model folder to start from")
-    train.add_argument("--mlp-weights", type=Path, help="initialise both experts from this file (stage 1)")
+    train.add_argument(
+        "--mlp-weights", type=Path, help="start the MLPs from this file (stages with mlp_init, stage 1 among them)"
+    )
     train.add_argument("--workdir", type=Path, required=True, help="resumable checkpoints and logs")
     train.add_argument("--out", type=Path, required=True, help="the trained model, written when training ends")
     train.set_defaults(run=_train)

@@ -7,14 +7,9 @@ from pathlib import Path
 import yaml
 from jsonschema import Draft202012Validator, validators
 
-from vlaflow.errors import VlaflowError
+from vlaflow.errors import ConfigError
 from vlaflow.fs import replaced_file
-
-STAGES = ("vlm", "stage1", "stage2")
-
-
-class ConfigError(VlaflowError):
-    """A configuration file is unreadable or does not match the schema."""
+from vlaflow.stages import stage_table
 
 
 def _with_defaults(validator_class):
@@ -70,6 +65,7 @@ def check_rules(config: dict, source: str = "config") -> None:
             raise ConfigError(f"{source}: stages.{stage}.mix: set vl_ratio or vl_batch_fraction, not both")
         if "vl_ratio" in mix and mix["vl_ratio"] < 0 and mix["vl_ratio"] != -1:
             raise ConfigError(f"{source}: stages.{stage}.mix.vl_ratio: must be -1 (all VL data) or >= 0")
+    stage_table(config, source)
 
 
 def stage_settings(config: dict, stage: str) -> dict:

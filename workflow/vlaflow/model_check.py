@@ -33,9 +33,9 @@ def parameter_counts(model: Qwen2VLAForConditionalGeneration) -> dict[str, int]:
 
 def check_model(folder: Path, mlp_weights: Path | None = None, batch_size: int = 2, seed: int = 0) -> None:
     if mlp_weights is not None:
-        from vlaflow.backbone.mlp_weights import load_vla_with_moe_init
+        from vlaflow.backbone.mlp_weights import load_vla_with_mlp_init
 
-        model = load_vla_with_moe_init(folder, mlp_weights)
+        model = load_vla_with_mlp_init(folder, mlp_weights)
     else:
         model = load_vla(folder)
     model.eval()

@@ -1,6 +1,7 @@
-"""`vlaflow report`: one page (HTML, and a Markdown twin) on a whole recipe run: loss curves per
-stage, the evaluation tables, a rollout of the policy, and the forgetting table, which lines up
-VQA accuracy and robot metrics after each stage (also as `forgetting.csv`). It shows what was
+"""`vlaflow report`: one page (HTML, and a Markdown twin) on a whole recipe run: the forgetting
+table, which lines up VQA accuracy (beside chance) and robot metrics (beside two trivial policies)
+after each stage (also as `forgetting.csv`), a plot of VQA accuracy against robot error per arm,
+the evaluation tables, loss curves per stage and a rollout of each policy. It shows what was
 measured; a stage that was not evaluated on something shows a dash."""
 
 import html
@@ -19,6 +20,7 @@ VQA_SUMMARY = "vqa_summary.json"
 OPEN_LOOP = "open_loop.json"
 CLOSED_LOOP = "closed_loop.json"
 ROLLOUT = "rollout.gif"
+SKILL_PLOT = "vqa_vs_robot_error.png"
 LOSS_PARTS = ("loss", "action_loss", "reasoning_loss", "vl_loss", "text_only_loss")
 DASH = "—"
 
@@ -87,8 +89,24 @@ def _reference_mse(open_loop: dict, policy: str) -> float | None:
     return open_loop.get("reference", {}).get(policy, {}).get("mse")
 
 
+def _benchmarks(runs: list[Run]) -> list[str]:
+    return sorted({name for run in runs for name in (run.read(VQA_SUMMARY) or {})})
+
+
+def _chance(runs: list[Run], benchmark: str) -> float | None:
+    """A benchmark's chance accuracy, as its evaluations measured it (the same questions for every run)."""
+    return next(
+        (
+            summary[benchmark]["chance"]
+            for summary in (run.read(VQA_SUMMARY) or {} for run in runs)
+            if "chance" in summary.get(benchmark, {})
+        ),
+        None,
+    )
+
+
 def forgetting_table(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
-    benchmarks = sorted({name for run in runs for name in (run.read(VQA_SUMMARY) or {})})
+    benchmarks = _benchmarks(runs)
     header = ["after", *[f"{name} accuracy" for name in benchmarks]]
     header += ["open-loop MSE", "hold state", "mean action", "open-loop L1", "success rate", "mean max reward (of 4)"]
     rows = []
@@ -104,7 +122,54 @@ def forgetting_table(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
         row += [_number(open_loop.get("l1"), 4)]
         row += [_percent(closed_loop.get("success_rate")), _number(closed_loop.get("mean_max_reward"), 2)]
         rows.append(row)
+    if any(_chance(runs, name) is not None for name in benchmarks):
+        rows.append(["chance", *[_percent(_chance(runs, name)) for name in benchmarks], *[DASH] * 6])
     return header, rows
+
+
+def _mean_accuracy(run: Run) -> float | None:
+    accuracies = [summary["overall"] for summary in (run.read(VQA_SUMMARY) or {}).values() if "overall" in summary]
+    return sum(accuracies) / len(accuracies) if accuracies else None
+
+
+def plot_skill(runs: list[Run], out: Path) -> bool:
+    """VQA accuracy against open-loop robot error, one point per arm that has both; arms with VQA
+    alone (the VLM before robot training) and chance as horizontal lines, the trivial policies'
+    errors as vertical ones. Up and to the left is better at both."""
+    points = [(run.label, _mean_accuracy(run), (run.read(OPEN_LOOP) or {}).get("mse")) for run in runs]
+    if not any(accuracy is not None and mse is not None for _, accuracy, mse in points):
+        return False
+    figure = Figure(figsize=(6, 4), dpi=100)
+    axes = figure.add_subplot()
+    for label, accuracy, mse in points:
+        if accuracy is not None and mse is not None:
+            axes.scatter([mse], [100 * accuracy], s=50, zorder=3)
+            axes.annotate(label, (mse, 100 * accuracy), textcoords="offset points", xytext=(6, 4))
+        elif accuracy is not None:
+            axes.axhline(100 * accuracy, linestyle="--", color="tab:gray", linewidth=1)
+            axes.annotate(f"{label} (no robot error)", (0, 100 * accuracy), xycoords=("axes fraction", "data"),
+                          xytext=(4, 3), textcoords="offset points", fontsize=8, color="tab:gray")
+    chances = [chance for chance in (_chance(runs, name) for name in _benchmarks(runs)) if chance is not None]
+    if chances:
+        level = 100 * sum(chances) / len(chances)
+        axes.axhline(level, linestyle=":", color="tab:red", linewidth=1)
+        axes.annotate("chance", (0, level), xycoords=("axes fraction", "data"), xytext=(4, 3),
+                      textcoords="offset points", fontsize=8, color="tab:red")
+    reference = next((run.read(OPEN_LOOP)["reference"] for run in runs if "reference" in (run.read(OPEN_LOOP) or {})), {})
+    for policy, name in (("hold_state", "hold state"), ("mean_action", "mean action")):
+        if "mse" in reference.get(policy, {}):
+            axes.axvline(reference[policy]["mse"], linestyle=":", color="tab:blue", linewidth=1)
+            axes.annotate(name, (reference[policy]["mse"], 0), xycoords=("data", "axes fraction"), xytext=(3, 4),
+                          textcoords="offset points", fontsize=8, color="tab:blue", rotation=90)
+    axes.set_xlabel("open-loop action MSE (lower is better)")
+    axes.set_ylabel("VQA accuracy, % (higher is better)")
+    axes.set_ylim(0, 100)
+    axes.set_xlim(left=0)
+    axes.grid(alpha=0.3)
+    axes.set_title("What each arm keeps and learns")
+    figure.tight_layout()
+    figure.savefig(out)
+    return True
 
 
 FORGETTING_CSV_COLUMNS = (
@@ -123,14 +188,9 @@ def forgetting_csv(runs: list[Run]) -> str:
     nothing was measured; `vqa_accuracy` is the mean overall accuracy of the run's benchmarks."""
     lines = [",".join(FORGETTING_CSV_COLUMNS)]
     for run in runs:
-        vqa, open_loop, closed_loop = (
-            run.read(VQA_SUMMARY) or {},
-            run.read(OPEN_LOOP) or {},
-            run.read(CLOSED_LOOP) or {},
-        )
-        accuracies = [summary["overall"] for summary in vqa.values() if "overall" in summary]
+        open_loop, closed_loop = run.read(OPEN_LOOP) or {}, run.read(CLOSED_LOOP) or {}
         values = (
-            sum(accuracies) / len(accuracies) if accuracies else None,
+            _mean_accuracy(run),
             open_loop.get("mse"),
             _reference_mse(open_loop, "hold_state"),
             _reference_mse(open_loop, "mean_action"),
@@ -144,14 +204,14 @@ def forgetting_csv(runs: list[Run]) -> str:
 def vqa_detail(runs: list[Run]) -> list[tuple[str, list[str], list[list[str]]]]:
     """Per benchmark: accuracy by split, category and l2-category, one column per run."""
     tables = []
-    benchmarks = sorted({name for run in runs for name in (run.read(VQA_SUMMARY) or {})})
-    for name in benchmarks:
+    for name in _benchmarks(runs):
         summaries = {run.label: (run.read(VQA_SUMMARY) or {}).get(name, {}) for run in runs}
         keys = []
         for summary in summaries.values():
             for group in ("split", "category", "l2-category"):
                 keys += [(group, key) for key in summary.get(group, {}) if (group, key) not in keys]
         rows = [["overall", *[_percent(summaries[run.label].get("overall")) for run in runs]]]
+        rows.append(["chance", *[_percent(summaries[run.label].get("chance")) for run in runs]])
         rows += [
             [f"{group}: {key}", *[_percent(summaries[run.label].get(group, {}).get(key)) for run in runs]]
             for group, key in keys
@@ -196,18 +256,23 @@ def write_report(runs: list[Run], out: Path, title: str = "vlaflow run") -> Path
                 rollouts.append((run.label, name, run.read(CLOSED_LOOP) or {}))
         header, rows = forgetting_table(runs)
         details = vqa_detail(runs)
+        skill = SKILL_PLOT if plot_skill(runs, staging / SKILL_PLOT) else None
         (staging / "forgetting.csv").write_text(forgetting_csv(runs))
-        (staging / "report.md").write_text(_markdown(title, header, rows, details, curves, rollouts))
-        (staging / "report.html").write_text(_html(title, header, rows, details, curves, rollouts))
+        (staging / "report.md").write_text(_markdown(title, header, rows, skill, details, curves, rollouts))
+        (staging / "report.html").write_text(_html(title, header, rows, skill, details, curves, rollouts))
     return Path(out)
 
 
 FORGETTING_NOTE = (
-    "VQA accuracy (vision-language expert) and robot metrics (robot expert) after each stage: "
-    "stage 1 trains on robot data only, stage 2 co-trains with vision-language data to win back "
-    "what stage 1 made the model forget. For scale, two trivial policies are scored on the same "
-    "held-out steps: holding the current joint positions, and the training data's mean action."
+    "VQA accuracy and robot metrics after each stage. The baseline is plain robot fine-tuning of "
+    "the VLM (one dense MLP, nothing frozen), what the recipe prevents: it shows how much a model "
+    "trained on robot data alone forgets. Stage 1 trains on robot data with the vision-language "
+    "expert frozen; stage 2 co-trains with vision-language data to win back what stage 1 lost. "
+    "Chance is a random pick among each question's options. For scale, two trivial policies are "
+    "scored on the same held-out steps: holding the current joint positions, and the training "
+    "data's mean action."
 )
+SKILL_CAPTION = "VQA accuracy against open-loop robot error, per arm: up and to the left is better at both."
 
 
 def _rollout_caption(label: str, closed_loop: dict) -> str:
@@ -216,8 +281,10 @@ def _rollout_caption(label: str, closed_loop: dict) -> str:
     return f"{label}: first rollout (seed {seeds[0]}, max reward {rewards[0]} of 4)"
 
 
-def _markdown(title, header, rows, details, curves, rollouts) -> str:
+def _markdown(title, header, rows, skill, details, curves, rollouts) -> str:
     parts = [f"# {title}", "## Forgetting table", FORGETTING_NOTE, _markdown_table(header, rows)]
+    if skill:
+        parts.append(f"![{SKILL_CAPTION}]({skill})")
     for name, detail_header, detail_rows in details:
         parts += [f"## {name}", _markdown_table(detail_header, detail_rows)]
     if curves:
@@ -227,9 +294,12 @@ def _markdown(title, header, rows, details, curves, rollouts) -> str:
     return "\n\n".join(parts) + "\n"
 
 
-def _html(title, header, rows, details, curves, rollouts) -> str:
+def _html(title, header, rows, skill, details, curves, rollouts) -> str:
     parts = [f"<h1>{html.escape(title)}</h1>", "<h2>Forgetting table</h2>", f"<p>{html.escape(FORGETTING_NOTE)}</p>"]
     parts.append(_html_table(header, rows))
+    if skill:
+        caption = html.escape(SKILL_CAPTION)
+        parts.append(f'<figure><img src="{skill}" alt="{caption}"><figcaption>{caption}</figcaption></figure>')
     for name, detail_header, detail_rows in details:
         parts += [f"<h2>{html.escape(name)}</h2>", _html_table(detail_header, detail_rows)]
     if curves:

@@ -1,4 +1,5 @@
-"""MoE initialisation: save the backbone's decoder MLP weights, then copy them into both experts.
+"""MLP initialisation: save a model's decoder MLP weights, then copy them into both experts of the
+MoE (ChatVLA's stage-1 init) or into a dense MLP (the baseline arm, from a trained VLA model).
 
 Backbones name the MLP weights `model.language_model.layers.<i>.mlp.*` (transformers 5) or
 `model.layers.<i>.mlp.*` (checkpoints saved earlier, the official Qwen2-VL release among them).
@@ -23,6 +24,7 @@ MLP_KEY = re.compile(r"^model\.(?:language_model\.)?layers\.(\d+)\.mlp\.(gate_pr
 VL_EXPERT_KEY = re.compile(
     r"^model\.(?:language_model\.)?layers\.(\d+)\.mlp\.experts\.0\.(gate_proj|up_proj|down_proj)\.weight$"
 )
+ANY_MLP_KEY = re.compile(r"^model\.(?:language_model\.)?layers\.\d+\.mlp\.")
 
 
 def mlp_key(layer: int, projection: str) -> str:
@@ -83,9 +85,16 @@ def save_mlp_weights(backbone: Path, out: Path) -> Path:
     return Path(out)
 
 
-def init_experts_from_mlp_weights(model, path: Path) -> None:
-    """Copy the saved dense MLP into both experts of every layer; any missing, extra or misshapen
-    key is an error naming it."""
+def _mlps(model, layer: int) -> list:
+    """The MLPs of a decoder layer that the saved weights initialise: both experts, or the dense MLP."""
+    if model.config.using_moe:
+        return [model.expert(layer, expert_index) for expert_index in range(2)]
+    return [model.decoder_layers[layer].mlp]
+
+
+def init_mlps_from_weights(model, path: Path) -> None:
+    """Copy the saved dense MLP into every decoder layer's MLPs (both experts of the MoE, or the
+    dense MLP); any missing, extra or misshapen key is an error naming it."""
     path = Path(path)
     try:
         tensors = load_file(path)
@@ -99,12 +108,12 @@ def init_experts_from_mlp_weights(model, path: Path) -> None:
     _check_complete(found, num_layers, path)
     targets = []
     for (layer, projection), key in found.items():
-        for expert_index in range(2):
-            weight = getattr(model.expert(layer, expert_index), projection).weight
+        for mlp in _mlps(model, layer):
+            weight = getattr(mlp, projection).weight
             if weight.shape != tensors[key].shape:
                 raise MLPWeightsError(
                     f"{path}: key {key!r} has shape {tuple(tensors[key].shape)}, "
-                    f"the model's expert weight has {tuple(weight.shape)}"
+                    f"the model's MLP weight has {tuple(weight.shape)}"
                 )
             targets.append((weight, tensors[key]))
     with torch.no_grad():
@@ -112,13 +121,14 @@ def init_experts_from_mlp_weights(model, path: Path) -> None:
             weight.copy_(tensor)
 
 
-def load_vla_with_moe_init(vla_folder: Path, mlp_weights: Path, **from_pretrained_kwargs):
-    """The stage-1 starting point: the VLA model on the backbone's weights, both experts of every
-    layer copied from the dense MLP, the new heads freshly initialised."""
+def load_vla_with_mlp_init(vla_folder: Path, mlp_weights: Path, **from_pretrained_kwargs):
+    """A stage's starting point whose MLPs come from saved MLP weights: the VLA model on the
+    folder's other weights, every decoder MLP (both experts, or the dense MLP with
+    `using_moe=False`) copied from the file, heads the folder lacks freshly initialised."""
     from transformers.utils import logging
 
-    # transformers would report the experts and heads as missing and the dense MLP as unexpected:
-    # exactly what this function expects, and checks itself below.
+    # transformers would report the stage's MLPs as missing and the folder's as unexpected (and,
+    # from a backbone, the heads as missing): exactly what this function expects, and checks itself below.
     verbosity = logging.get_verbosity()
     logging.set_verbosity_error()
     try:
@@ -126,11 +136,11 @@ def load_vla_with_moe_init(vla_folder: Path, mlp_weights: Path, **from_pretraine
     finally:
         logging.set_verbosity(verbosity)
     new_modules = ("policy_head.", "reasoning_conditioner.")
-    lacking = [key for key in info["missing_keys"] if ".mlp.experts." not in key and not key.startswith(new_modules)]
+    lacking = [key for key in info["missing_keys"] if ANY_MLP_KEY.match(key) is None and not key.startswith(new_modules)]
     if lacking:
-        raise MLPWeightsError(f"{vla_folder}: the backbone's weights lack {sorted(lacking)[0]!r}")
-    foreign = [key for key in info["unexpected_keys"] if MLP_KEY.match(key) is None]
+        raise MLPWeightsError(f"{vla_folder}: the model's weights lack {sorted(lacking)[0]!r}")
+    foreign = [key for key in info["unexpected_keys"] if ANY_MLP_KEY.match(key) is None]
     if foreign:
         raise MLPWeightsError(f"{vla_folder}: weight {sorted(foreign)[0]!r} matches no parameter of the VLA model")
-    init_experts_from_mlp_weights(model, mlp_weights)
+    init_mlps_from_weights(model, mlp_weights)
     return model

@@ -22,10 +22,6 @@ from vlaflow.errors import VlaflowError
 from vlaflow.models.qwen2_vla.processing_qwen2_vla import load_processor
 from vlaflow.training.checkpoints import CONFIG_FILE, STATS_FILE
 
-# Where a model's robot datasets are listed when its own stage lists none.
-ROBOT_STAGES = ("stage1", "stage2")
-
-
 @dataclass
 class PolicyOutput:
     actions: np.ndarray  # (batch, chunk_size, action_dim), in the robot's units
@@ -77,12 +73,14 @@ class Policy:
 def robot_datasets(config: dict, names: list[str] | None = None) -> list[RobotEntry]:
     """The registry's robot datasets of `names` (registry names, `all`; a `name%NN` selection
     counts as the whole dataset); by default those the model was trained on: its stage's, else
-    stage 1's or stage 2's."""
+    those of the nearest stage it started from that lists any."""
     if names is None:
-        stages = config["stages"]
-        listed = (stages.get(stage, {}).get(ROBOT) for stage in (config.get("stage"), *ROBOT_STAGES))
-        names = next((found for found in listed if found), None)
-        if names is None:
+        stages, stage, visited = config["stages"], config.get("stage"), set()
+        while stage in stages and stage not in visited and not stages[stage].get(ROBOT):
+            visited.add(stage)
+            stage = stages[stage].get("from")
+        names = stages[stage].get(ROBOT) if stage in stages else None
+        if not names:
             raise VlaflowError(f"the model's {CONFIG_FILE}: no training stage lists robot datasets")
     registry = load_registry(config)
     selections = registry.select(names, ROBOT, "datasets")

@@ -7,7 +7,8 @@ by the vision-language expert and scored offline as VLMEvalKit's exact matching 
                                and the row's split, category and l2-category where the TSV has them
       {model}_{NAME}_acc.csv   split/category, name, correct, total, accuracy: one row overall,
                                then one per split, category and l2-category
-      vqa_summary.json         {NAME: {"overall", "total", "split", "category", "l2-category"}}
+      vqa_summary.json         {NAME: {"overall", "total", "chance", "split", "category", "l2-category"}};
+                               chance: the accuracy of a random choice among each question's options
 
 `model` is the model folder's name. The prompt is VLMEvalKit's (`ImageMCQDataset.build_prompt`)
 with the images before the text. Like VLMEvalKit, a benchmark whose name contains "MMMU" turns
@@ -283,9 +284,14 @@ def accuracy_table(verdicts: list[Verdict]) -> list[Accuracy]:
     return table
 
 
-def benchmark_summary(table: list[Accuracy]) -> dict:
+def chance_accuracy(questions: list[Question]) -> float:
+    """The expected accuracy of answering every question with a random one of its choices."""
+    return sum(1 / len(question.choices) for question in questions) / len(questions)
+
+
+def benchmark_summary(table: list[Accuracy], questions: list[Question]) -> dict:
     overall = table[0]
-    summary = {"overall": overall.accuracy, "total": overall.total}
+    summary = {"overall": overall.accuracy, "total": overall.total, "chance": chance_accuracy(questions)}
     for group in GROUP_COLUMNS:
         summary[group] = {row.name: row.accuracy for row in table if row.group == group}
     return summary
@@ -366,7 +372,7 @@ def evaluate_vqa(
             table = accuracy_table(verdicts)
             write_predictions(staging / f"{model_name}_{name}.tsv", verdicts)
             write_accuracy(staging / f"{model_name}_{name}_acc.csv", table)
-            summary[name] = benchmark_summary(table)
+            summary[name] = benchmark_summary(table, benchmark)
             logger.info("%s: accuracy %.4f over %d questions", name, summary[name]["overall"], table[0].total)
         (staging / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     return summary

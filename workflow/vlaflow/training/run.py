@@ -1,8 +1,12 @@
-"""`vlaflow train`: one stage of the recipe, from the config, resumable from its work folder.
+"""`vlaflow train`: one stage of the config's stage table, resumable from its work folder.
 
-    vlm     vision-language data only, through the VL expert (StarVLA's VLM-only training)
-    stage1  robot data only; both experts start from the saved MLP weights; the VL expert is frozen
-    stage2  robot and VL data in the configured mix; nothing frozen; the MoE is not re-initialised
+The stage's row (`vlaflow.stages`) says what the model starts from (`--init`: the VLA folder or
+the model of the stage it continues), whether its MLPs are the static MoE or dense, whether they
+start from saved MLP weights (`--mlp-weights`), which parts stay frozen, and which data it reads.
+The embedded default's rows: `vlm` trains the VL expert on vision-language data (StarVLA's
+VLM-only training); `stage1` splits the MLPs into two experts from the saved MLP weights and
+trains on robot data with the VL expert frozen; `stage2` co-trains on both; `baseline` is plain
+robot fine-tuning of one dense MLP, nothing frozen.
 
 The work folder holds the resumable checkpoints and logs; OUT, the model, is written once, at
 the end, atomically. Starting the same command again continues from the newest complete
@@ -23,15 +27,15 @@ from transformers import set_seed
 
 import vlaflow.models  # noqa: F401  (registers the model and processor classes)
 from vlaflow.backbone.folder import load_vla
-from vlaflow.backbone.mlp_weights import load_vla_with_moe_init
+from vlaflow.backbone.mlp_weights import load_vla_with_mlp_init
 from vlaflow.config import load_config, stage_settings
 from vlaflow.data.collator import ROBOT_DIMENSIONS, Collator
 from vlaflow.data.stage_data import build_stage_data
 from vlaflow.data.stats import NormStats
 from vlaflow.errors import VlaflowError
 from vlaflow.fs import check_destination
-from vlaflow.models.qwen2_vla import ROBOT_EXPERT
 from vlaflow.models.qwen2_vla.processing_qwen2_vla import load_processor
+from vlaflow.stages import Stage, stage_table
 from vlaflow.training.callbacks import MetricsLog, StopOnSignal, truncate_log
 from vlaflow.training.checkpoints import (
     METRICS_FILE,
@@ -40,7 +44,7 @@ from vlaflow.training.checkpoints import (
     export_model,
     latest_checkpoint,
 )
-from vlaflow.training.settings import STAGES, training_arguments
+from vlaflow.training.settings import training_arguments
 from vlaflow.training.trainer import VLATrainer
 from vlaflow.training.workdir import lock_work_folder, prepare_work_folder, run_record
 
@@ -56,26 +60,24 @@ def master_dtype(settings: dict) -> torch.dtype:
     return torch.bfloat16 if settings["bf16"] and settings["deepspeed"] else torch.float32
 
 
-def load_stage_model(stage: str, init: Path, mlp_weights: Path | None, settings: dict):
+def load_stage_model(stage: Stage, init: Path, mlp_weights: Path | None, settings: dict):
     kwargs = {"attn_implementation": settings["attn_implementation"], "dtype": master_dtype(settings)}
+    if stage.mlp_init != (mlp_weights is not None):
+        needs = "needs" if stage.mlp_init else "takes no"
+        raise VlaflowError(f"stage {stage.name} {needs} --mlp-weights (its mlp_init is {str(stage.mlp_init).lower()})")
     if mlp_weights is not None:
-        model = load_vla_with_moe_init(init, mlp_weights, **kwargs)
-    elif stage == "stage1":
-        raise VlaflowError("stage1 initialises both experts from the saved MLP weights: pass --mlp-weights")
+        model = load_vla_with_mlp_init(init, mlp_weights, using_moe=stage.moe, **kwargs)
     else:
         model, info = load_vla(init, output_loading_info=True, **kwargs)
         if info["missing_keys"]:
             raise VlaflowError(
                 f"{init}: no weights for {sorted(info['missing_keys'])[0]!r}: a fresh VLA folder needs --mlp-weights"
             )
-    if stage == "vlm":
-        # only the VL expert's path is used; the rest is frozen, so no rank holds unused trainable parameters
-        for layer in range(len(model.decoder_layers)):
-            model.expert(layer, ROBOT_EXPERT).requires_grad_(False)
-        model.policy_head.requires_grad_(False)
-        model.reasoning_conditioner.requires_grad_(False)
-    elif stage == "stage1":
-        model.freeze_vl_expert()
+        if model.config.using_moe != stage.moe:
+            raise VlaflowError(
+                f"{init}: the model's using_moe is {model.config.using_moe}, stage {stage.name}'s moe is {stage.moe}"
+            )
+    model.freeze(*stage.freeze)
     if settings["gradient_checkpointing"]:
         model.config.use_cache = False
     return model
@@ -117,23 +119,22 @@ def check_world_size(launched: int, trained: int) -> None:
 
 
 def train(config_path: Path, stage: str, init: Path, workdir: Path, out: Path, mlp_weights: Path | None = None):
-    if stage not in STAGES:
-        raise VlaflowError(f"unknown stage {stage!r} (stages: {', '.join(STAGES)})")
     out, workdir, init = Path(out), Path(workdir), Path(init)
     if out.exists():
         raise VlaflowError(f"{out}: already exists; the stage is done (remove it to train again)")
     check_destination(out)  # fail now, not after training
     check_destination(workdir)
     config = load_config(config_path)
-    if stage not in config["stages"]:
-        raise VlaflowError(f"{config_path}: stages.{stage}: not configured")
+    table = stage_table(config, str(config_path))
+    if stage not in table:
+        raise VlaflowError(f"{config_path}: stages.{stage}: not configured (stages: {', '.join(table)})")
     settings = stage_settings(config, stage)
     set_seed(settings["seed"])
 
     processor = load_processor(init)
     stats = NormStats.load(init / STATS_FILE) if (init / STATS_FILE).exists() else None
     stage_data = build_stage_data(config, stage, stats=stats, source=str(config_path))
-    model = load_stage_model(stage, init, mlp_weights, settings)
+    model = load_stage_model(table[stage], init, mlp_weights, settings)
     _check_model_matches_config(model, config, init)
 
     _prepare_distributed(settings)

@@ -5,8 +5,6 @@ from pathlib import Path
 import torch
 from transformers import TrainingArguments
 
-STAGES = ("vlm", "stage1", "stage2")
-
 
 def training_arguments(settings: dict, workdir: Path) -> TrainingArguments:
     return TrainingArguments(

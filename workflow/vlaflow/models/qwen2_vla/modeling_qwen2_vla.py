@@ -190,10 +190,26 @@ class Qwen2VLAForConditionalGeneration(Qwen2VLForConditionalGeneration):
             raise ValueError("this model has no experts: its config sets using_moe=False")
         return self.decoder_layers[layer_index].mlp.experts[expert_index]
 
-    def freeze_vl_expert(self) -> None:
-        """Stage 1: expert 0 keeps the backbone's vision-language MLP; everything else trains."""
-        for layer_index in range(len(self.decoder_layers)):
-            self.expert(layer_index, VL_EXPERT).requires_grad_(False)
+    def part_modules(self, part: str) -> list[nn.Module]:
+        """The modules a stage may freeze by name: `vl_expert` and `robot_expert` (every layer's
+        expert), `policy_head`, `reasoning_conditioner`, `vision_tower`."""
+        if part in ("vl_expert", "robot_expert"):
+            index = VL_EXPERT if part == "vl_expert" else ROBOT_EXPERT
+            return [self.expert(layer, index) for layer in range(len(self.decoder_layers))]
+        parts = {
+            "policy_head": self.policy_head,
+            "reasoning_conditioner": self.reasoning_conditioner,
+            "vision_tower": self.model.visual,
+        }
+        if part not in parts:
+            raise ValueError(f"no part {part!r} to freeze (parts: vl_expert, robot_expert, {', '.join(parts)})")
+        return [parts[part]]
+
+    def freeze(self, *parts: str) -> None:
+        """Leave the named parts' weights as they are (stage 1 freezes the VL expert)."""
+        for part in parts:
+            for module in self.part_modules(part):
+                module.requires_grad_(False)
 
     @property
     def _every_module_takes_part(self) -> bool:
