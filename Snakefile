@@ -12,6 +12,10 @@ if not workflow.overwrite_configfiles:
     configfile: "config/config.yaml"
 
 
+# What `snakemake --report report.zip` opens with; each result it shows has its own caption.
+report: "workflow/report/workflow.rst"
+
+
 include: "workflow/rules/common.smk"
 include: "workflow/rules/model.smk"
 include: "workflow/rules/data.smk"

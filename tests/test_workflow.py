@@ -5,10 +5,13 @@ import json
 import signal
 import subprocess
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
+from safetensors.torch import load_file
 
 from tests.workflow_helpers import planned_jobs, snakemake, start_snakemake, tiny_workflow
 from vlaflow.training.checkpoints import COMPLETE_MARKER, METRICS_FILE
@@ -40,10 +43,37 @@ def test_all_builds_every_model_evaluation_and_the_report(finished):
         assert benchmark[0].startswith("s\t") and float(benchmark[1].split("\t")[0]) > 0
 
 
+def test_two_runs_of_the_same_config_give_the_same_models_and_table(finished, tmp_path):
+    tiny_workflow(tmp_path)
+    result = snakemake(tmp_path, "--cores", "2", "all")
+    assert result.returncode == 0, result.stderr[-4000:]
+    for stage in ("vlm", "stage1", "stage2"):
+        first, second = (load_file(root / "results" / "models" / stage / "model.safetensors") for root in (finished, tmp_path))
+        assert first.keys() == second.keys()
+        assert all(torch.equal(first[key], second[key]) for key in first), stage
+    table = "report/forgetting.csv"
+    assert (finished / "results" / table).read_text() == (tmp_path / "results" / table).read_text()
+
+
 def test_a_second_invocation_has_nothing_to_do(finished):
     result = snakemake(finished, "--cores", "2", "all")
     assert result.returncode == 0
     assert "Nothing to be done" in result.stdout + result.stderr
+
+
+def test_snakemakes_report_holds_every_result_with_its_caption(finished, tmp_path):
+    result = snakemake(finished, "--report", str(tmp_path / "report.zip"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    with zipfile.ZipFile(tmp_path / "report.zip") as archive:
+        names = archive.namelist()
+        page = archive.read("report/report.html").decode()
+    shipped = {Path(name).name for name in names}
+    assert {"report.html", "forgetting.csv", "vqa_summary.json", "open_loop.json"} <= shipped
+    for stage in ("vlm", "stage1", "stage2"):  # each caption names its stage
+        assert f'VQA accuracy of stage <tt class=\\"docutils literal\\">{stage}' in page, stage
+    for stage in ("stage1", "stage2"):
+        assert f'Robot control of stage <tt class=\\"docutils literal\\">{stage}' in page, stage
+    assert "is the run's headline" in page  # the workflow's description
 
 
 def test_stage2_ckpt_builds_only_what_stage2_needs(tmp_path):

@@ -12,7 +12,13 @@ rule eval_vqa:
             for name in config["evaluation"]["vqa"]["benchmarks"]
         ],
     output:
-        directory(result("eval/{vqa_stage}/vqa")),
+        report(
+            directory(result("eval/{vqa_stage}/vqa")),
+            patterns=["{name}_summary.json"],
+            caption="../report/vqa.rst",
+            category="VQA",
+            subcategory="{vqa_stage}",
+        ),
     log:
         f"{LOGS}/eval_vqa_{{vqa_stage}}.log",
     benchmark:
@@ -43,7 +49,13 @@ rule eval_robot:
         model=result("models/{robot_stage}"),
         data=lambda w: embedded_data(w.robot_stage),
     output:
-        directory(result("eval/{robot_stage}/robot")),
+        report(
+            directory(result("eval/{robot_stage}/robot")),
+            patterns=["{name}.json", "{name}.gif"],
+            caption="../report/robot.rst",
+            category="Robot control",
+            subcategory="{robot_stage}",
+        ),
     log:
         f"{LOGS}/eval_robot_{{robot_stage}}.log",
     benchmark:

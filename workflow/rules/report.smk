@@ -8,7 +8,12 @@ rule report:
         vqa=expand(result("eval/{stage}/vqa"), stage=VQA_STAGES),
         robot=expand(result("eval/{stage}/robot"), stage=ROBOT_STAGES),
     output:
-        report(directory(result("report")), htmlindex="report.html", category="vlaflow"),
+        report(
+            directory(result("report")),
+            htmlindex="report.html",
+            caption="../report/report.rst",
+            category="Report",
+        ),
     log:
         f"{LOGS}/report.log",
     conda:
