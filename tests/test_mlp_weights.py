@@ -46,6 +46,20 @@ def test_moe_initialised_from_the_saved_weights_gives_the_dense_logits(tiny_back
             assert (logits - expected).abs().max() <= 1e-5
 
 
+def test_a_dense_model_from_the_saved_weights_gives_the_dense_logits(tiny_backbone, vla_folder, mlp_weights, mixed_batch):
+    """The baseline arm from the backbone: one dense MLP per layer, the backbone's."""
+    dense = Qwen2VLForConditionalGeneration.from_pretrained(tiny_backbone).eval()
+    model = load_vla_with_mlp_init(vla_folder, mlp_weights, using_moe=False).eval()
+    assert not model.config.using_moe and not any(".experts." in name for name, _ in model.named_parameters())
+    inputs = {
+        key: mixed_batch[key]
+        for key in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
+    }
+    with torch.no_grad():
+        logits = model(**inputs, expert_route=mixed_batch["expert_route"]).logits
+        assert (logits - dense(**inputs).logits).abs().max() <= 1e-5
+
+
 def module_layout(tiny_backbone, tmp_path):
     """The backbone with its weights named after transformers 5's modules (`model.language_model.*`)."""
     folder = tmp_path / "module_layout"

@@ -26,6 +26,18 @@ def test_the_embedded_default_declares_four_arms_in_report_order():
     assert [stage.name for stage in lineage(table, "stage2")] == ["stage2", "stage1", "vlm"]
 
 
+def test_the_published_recipes_optional_baseline_row_is_a_valid_arm():
+    recipe = SHIPPED.with_name("chatvla_2b.yaml").read_text()
+    commented = recipe[recipe.index("  # baseline:") : recipe.index("  stage2:")]
+    row = "".join(line.replace("  # ", "  ", 1) + "\n" for line in commented.splitlines())
+    config = yaml.safe_load(recipe.replace(commented, row))
+    table = stage_table(validate_config(config))
+    assert list(table) == ["stage1", "baseline", "stage2"]
+    assert (table["baseline"].start, table["baseline"].moe, table["baseline"].evaluations) == (
+        "backbone", False, ("vqa", "robot")
+    )
+
+
 def test_evaluations_follow_robot_data_through_the_stages_a_stage_starts_from():
     stages = recipe_stages()
     stages["chat"] = {"from": "stage2", "vl": ["vl_a"]}  # VL-only, but its model acts: stage 1 trained it
@@ -50,7 +62,7 @@ def with_stage(name: str, **row) -> dict:
         (with_stage("report", **{"from": "stage1"}, robot=["a"]), "cfg: stages.report: the name is taken by the workflow"),
         (
             with_stage("fresh", **{"from": "backbone"}, robot=["a"]),
-            "cfg: stages.fresh.mlp_init: a stage that starts from the backbone with the MoE",
+            "cfg: stages.fresh.mlp_init: a stage that starts from the backbone starts its MLPs",
         ),
         (
             with_stage("dense", **{"from": "vlm"}, moe=False, robot=["a"]),

@@ -7,7 +7,7 @@ frozen, which data kinds it reads, and which evaluations follow. The workflow, t
 evaluations and the report all read the same rows; the schema holds their defaults.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from vlaflow.errors import ConfigError
 
@@ -77,10 +77,10 @@ def stage_table(config: dict, source: str = "config") -> dict[str, Stage]:
     for name, row in rows.items():
         where = f"{source}: stages.{name}"
         start_moe = True if row.starts_from_backbone else rows[row.start].moe
-        if row.starts_from_backbone and row.moe and not row.mlp_init:
+        if row.starts_from_backbone and not row.mlp_init:
             raise ConfigError(
-                f"{where}.mlp_init: a stage that starts from the backbone with the MoE initialises both experts "
-                "from the backbone's MLP: set mlp_init: true"
+                f"{where}.mlp_init: a stage that starts from the backbone starts its MLPs (both experts, or the "
+                "dense MLP) from the backbone's saved MLP weights: set mlp_init: true"
             )
         if not row.starts_from_backbone and start_moe != row.moe and not row.mlp_init:
             layout = "the MoE" if row.moe else "a dense MLP"
@@ -98,7 +98,7 @@ def stage_table(config: dict, source: str = "config") -> dict[str, Stage]:
             raise ConfigError(
                 f"{where}.evaluate: robot: neither this stage nor one it starts from trains on robot data"
             )
-        table[name] = Stage(**{**row.__dict__, "evaluations": evaluations})
+        table[name] = replace(row, evaluations=evaluations)
     return table
 
 
