@@ -6,13 +6,14 @@ from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
 from vlaflow.config import ConfigError, check_rules, write_config
-from vlaflow.stages import ROBOT_CONTROL, VQA, stage_table
+from vlaflow.stages import ROBOT_CONTROL, VQA
 
 # Defaults are filled in here, and a wrong type or unknown key stops the workflow before any job.
 CONFIG_SOURCE = workflow.configfiles[-1]
 validate(config, "../schemas/config.schema.yaml")
+# The stage table (config `stages`): every training arm, what it starts from and what follows it.
 try:
-    check_rules(config, CONFIG_SOURCE)
+    STAGE_TABLE = check_rules(config, CONFIG_SOURCE)
 except ConfigError as error:
     # one line naming the file and the key, not a traceback through vlaflow's modules
     raise WorkflowError(str(error)) from None
@@ -23,8 +24,6 @@ RESULTS = config["results"]
 CONFIG_FILE = f"{RESULTS}/config.yaml"
 write_config(config, CONFIG_FILE)
 DATA_ROOT = config["data"]["root"]
-# The stage table (config `stages`): every training arm, what it starts from and what follows it.
-STAGE_TABLE = stage_table(config, CONFIG_SOURCE)
 STAGES = list(STAGE_TABLE)
 VQA_STAGES = [name for name, stage in STAGE_TABLE.items() if VQA in stage.evaluations]
 ROBOT_STAGES = [

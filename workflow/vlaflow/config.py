@@ -9,7 +9,7 @@ from jsonschema import Draft202012Validator, validators
 
 from vlaflow.errors import ConfigError
 from vlaflow.fs import replaced_file
-from vlaflow.stages import stage_table
+from vlaflow.stages import Stage, stage_table
 
 
 def _with_defaults(validator_class):
@@ -57,15 +57,16 @@ def validate_config(config: dict, source: str = "config") -> dict:
     return config
 
 
-def check_rules(config: dict, source: str = "config") -> None:
-    """What the schema cannot say: rules between keys of a schema-valid config."""
+def check_rules(config: dict, source: str = "config") -> dict[str, Stage]:
+    """What the schema cannot say: rules between keys of a schema-valid config. Returns the
+    checked stage table."""
     for stage, settings in config["stages"].items():
         mix = settings.get("mix", {})
         if "vl_ratio" in mix and "vl_batch_fraction" in mix:
             raise ConfigError(f"{source}: stages.{stage}.mix: set vl_ratio or vl_batch_fraction, not both")
         if "vl_ratio" in mix and mix["vl_ratio"] < 0 and mix["vl_ratio"] != -1:
             raise ConfigError(f"{source}: stages.{stage}.mix.vl_ratio: must be -1 (all VL data) or >= 0")
-    stage_table(config, source)
+    return stage_table(config, source)
 
 
 def stage_settings(config: dict, stage: str) -> dict:

@@ -122,8 +122,9 @@ def forgetting_table(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
         row += [_number(open_loop.get("l1"), 4)]
         row += [_percent(closed_loop.get("success_rate")), _number(closed_loop.get("mean_max_reward"), 2)]
         rows.append(row)
-    if any(_chance(runs, name) is not None for name in benchmarks):
-        rows.append(["chance", *[_percent(_chance(runs, name)) for name in benchmarks], *[DASH] * 6])
+    chances = [_chance(runs, name) for name in benchmarks]
+    if any(chance is not None for chance in chances):
+        rows.append(["chance", *map(_percent, chances), *[DASH] * 6])
     return header, rows
 
 
@@ -155,7 +156,8 @@ def plot_skill(runs: list[Run], out: Path) -> bool:
         axes.axhline(level, linestyle=":", color="tab:red", linewidth=1)
         axes.annotate("chance", (0, level), xycoords=("axes fraction", "data"), xytext=(4, 3),
                       textcoords="offset points", fontsize=8, color="tab:red")
-    reference = next((run.read(OPEN_LOOP)["reference"] for run in runs if "reference" in (run.read(OPEN_LOOP) or {})), {})
+    open_loops = (run.read(OPEN_LOOP) or {} for run in runs)
+    reference = next((open_loop["reference"] for open_loop in open_loops if "reference" in open_loop), {})
     for policy, name in (("hold_state", "hold state"), ("mean_action", "mean action")):
         if "mse" in reference.get(policy, {}):
             axes.axvline(reference[policy]["mse"], linestyle=":", color="tab:blue", linewidth=1)

@@ -75,6 +75,8 @@ def robot_datasets(config: dict, names: list[str] | None = None) -> list[RobotEn
     counts as the whole dataset); by default those the model was trained on: its stage's, else
     those of the nearest stage it started from that lists any."""
     if names is None:
+        # walked by hand, not through stages.lineage: a model's saved config may predate the
+        # stage table (no `from`), and then its own stage's list is all there is
         stages, stage, visited = config["stages"], config.get("stage"), set()
         while stage in stages and stage not in visited and not stages[stage].get(ROBOT):
             visited.add(stage)
