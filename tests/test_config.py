@@ -1,11 +1,13 @@
 """The workflow configuration: schema defaults, and one-line errors that name the key."""
 
+import copy
 from pathlib import Path
 
 import pytest
 import yaml
+from snakemake.utils import update_config
 
-from vlaflow.config import ConfigError, load_config, validate_config, write_config
+from vlaflow.config import ConfigError, load_config, stage_settings, validate_config, write_config
 from vlaflow.config import schema as load_schema
 
 SHIPPED = Path(__file__).parents[1] / "config" / "config.yaml"
@@ -54,6 +56,11 @@ def test_stage_lists_and_mix_weight_default():
             {"stages": {"stage2": {"from": "backbone", "mix": {"vl_ratio": -0.5}}}},
             "cfg: stages.stage2.mix.vl_ratio: must be -1 (all VL data) or >= 0",
         ),
+        (
+            {"data": {"relative_actions": True}, "model": {"action_dim": 7, "state_dim": 8}},
+            "cfg: data.relative_actions: actions relative to the state need model.action_dim (7) equal to "
+            "model.state_dim (8)",
+        ),
         (["a", "list"], "cfg: expected a mapping of keys, got list"),
     ],
 )
@@ -88,7 +95,31 @@ def test_shipped_default_is_valid_and_lists_the_embedded_datasets():
         "moe": False,
         "mlp_init": True,
         "robot": ["aloha_sim_transfer_cube"],
+        "training": {"max_steps": 1000, "save_steps": 250},
     }
+    # the control arm trains on robot data exactly as long as stage 1
+    assert config["stages"]["baseline"]["training"] == config["stages"]["stage1"]["training"]
+
+
+def test_showcase_is_the_default_trained_longer_in_folders_of_its_own():
+    """`--configfile config/config.yaml config/showcase.yaml`: Snakemake merges them key by key."""
+    default = yaml.safe_load(SHIPPED.read_text())
+    merged = copy.deepcopy(default)
+    update_config(merged, yaml.safe_load(SHIPPED.with_name("showcase.yaml").read_text()))
+    showcase = validate_config(merged, source="showcase")
+    shipped = load_config(SHIPPED)
+    assert showcase["results"] != shipped["results"] and showcase["data"]["root"] != shipped["data"]["root"]
+    lmudata = [config["evaluation"]["vqa"]["lmudata"] for config in (showcase, shipped)]
+    assert lmudata[0] != lmudata[1]
+    def arms(stages):
+        return {name: {key: value for key, value in row.items() if key != "training"} for name, row in stages.items()}
+
+    assert arms(showcase["stages"]) == arms(shipped["stages"])  # the same arms, only longer
+    for name in showcase["stages"]:
+        assert stage_settings(showcase, name)["max_steps"] > stage_settings(shipped, name)["max_steps"], name
+    assert showcase["stages"]["baseline"]["training"] == showcase["stages"]["stage1"]["training"]
+    assert showcase["embedded"]["aloha_demos"]["episodes"] > shipped["embedded"]["aloha_demos"]["episodes"]
+    assert showcase["evaluation"]["robot"]["episodes"] > shipped["evaluation"]["robot"]["episodes"]
 
 
 def test_published_recipe_is_valid_and_names_the_gpu_environment():

@@ -3,19 +3,22 @@ of them held out): open loop on the held-out episode, closed loop in the simulat
 
 import json
 import math
+import re
 import shutil
 
+import h5py
 import numpy as np
 import pytest
+import torch
 import yaml
 from PIL import Image
 
+from tests.conftest import random_image
 from tests.data_factory import data_stage
 from tests.training_helpers import training_config
 from vlaflow.backbone.vla_config import make_vla_folder
+from vlaflow.data.episode_format import ACTION, QPOS
 from vlaflow.data.language import TRANSFER_CUBE_INSTRUCTION
-from vlaflow.data.robot_dataset import RobotEpisodeDataset
-from vlaflow.data.stage_data import robot_spec
 from vlaflow.data.stats import NormStats
 from vlaflow.errors import VlaflowError
 from vlaflow.evaluation.policy import Policy, robot_datasets
@@ -54,7 +57,7 @@ def trained_model(tiny_backbone, mlp_weights, tmp_path_factory):
     )
     config = yaml.safe_load(config_path.read_text())
     config["model"] = ALOHA
-    config["data"].update(cameras=["top"], image_size=IMAGE_SIZE)
+    config["data"].update(cameras=["top"], image_size=IMAGE_SIZE, relative_actions=True)
     config_path.write_text(yaml.safe_dump(config))
     vla = make_vla_folder(tiny_backbone, root / "vla", policy_head=ALOHA)
     return train(config_path, "stage1", vla, root / "work", root / "model", mlp_weights=mlp_weights)
@@ -83,21 +86,37 @@ def test_open_loop_scores_every_step_of_the_held_out_episode(trained_model, tmp_
 
 
 def test_trivial_policies_are_scored_on_the_same_held_out_steps(trained_model, tmp_path):
-    """Holding the current joint positions, or the training data's mean action, for the chunk."""
+    """Holding the current joint positions, or the training data's mean action, for the chunk:
+    scored against the episode file's own actions, whatever the model's action representation."""
     result = evaluate_open_loop(trained_model, tmp_path, batch_size=16, limit=12)
     stats = NormStats.load(trained_model / STATS_FILE)
     config = yaml.safe_load((trained_model / CONFIG_FILE).read_text())
-    entry = robot_datasets(config)[0]
-    samples = RobotEpisodeDataset(entry.episodes("val"), robot_spec(config, entry), stats)
+    [episode] = robot_datasets(config)[0].episodes("val")
+    with h5py.File(episode) as file:
+        actions, qpos = file[ACTION][()].astype(np.float64), file[QPOS][()].astype(np.float64)
     hold, mean = [], []
-    for index in np.linspace(0, len(samples) - 1, 12).round().astype(int):
-        sample = samples[int(index)]
-        truth = stats.unnormalize_actions(sample.actions)[~sample.is_pad].astype(np.float64)
-        hold.append((truth - stats.unnormalize_state(sample.state)) ** 2)
+    for t in np.linspace(0, len(actions) - 1, 12).round().astype(int):
+        truth = actions[t : t + ALOHA["chunk_size"]]  # a simulated episode's chunk starts at t
+        hold.append((truth - qpos[t]) ** 2)
         mean.append((truth - stats.action_mean) ** 2)
-    assert result["reference"]["hold_state"]["mse"] == pytest.approx(np.concatenate(hold).mean(), rel=1e-5)
-    assert result["reference"]["mean_action"]["mse"] == pytest.approx(np.concatenate(mean).mean(), rel=1e-5)
+    assert result["reference"]["hold_state"]["mse"] == pytest.approx(np.concatenate(hold).mean(), rel=1e-4)
+    assert result["reference"]["mean_action"]["mse"] == pytest.approx(np.concatenate(mean).mean(), rel=1e-4)
     assert result["reference"]["hold_state"]["mse"] != result["reference"]["mean_action"]["mse"]
+
+
+def test_relative_actions_come_back_as_the_observed_joints_plus_the_models_offsets(trained_model):
+    policy = Policy(trained_model, seed=5)
+    assert policy.stats.relative  # the fixture trains as the embedded default does
+    frame = np.asarray(random_image(0, DEMO_SIZE))
+    qpos = np.linspace(-0.5, 0.5, ALOHA["state_dim"])
+    images, state = policy.observe([frame], qpos)
+    acted = policy.predict([images], state[None], [TRANSFER_CUBE_INSTRUCTION]).actions
+    policy.reseed(5)
+    inputs = policy.processor.generation_inputs([images], [TRANSFER_CUBE_INSTRUCTION])
+    states = torch.as_tensor(state[None], dtype=torch.float32)
+    offsets = policy.model.predict_action(**inputs, states=states, generator=policy.generator).actions.float().numpy()
+    low, high = policy.stats.delta_min, policy.stats.delta_max
+    np.testing.assert_allclose(acted, qpos + (offsets + 1) / 2 * np.maximum(high - low, 1e-4) + low, atol=1e-4)
 
 
 def test_open_loop_with_a_limit_spreads_its_samples_and_repeats_with_its_seed(trained_model, tmp_path):
@@ -108,7 +127,7 @@ def test_open_loop_with_a_limit_spreads_its_samples_and_repeats_with_its_seed(tr
 
 
 def test_closed_loop_runs_seeded_episodes_and_records_the_first(trained_model, tmp_path):
-    result = evaluate_closed_loop(trained_model, tmp_path, episodes=1, seed=3, max_steps=40)
+    result = evaluate_closed_loop(trained_model, tmp_path, episodes=1, seed=3, max_steps=40, video_size=(120, 176))
     assert json.loads((tmp_path / CLOSED_LOOP_FILE).read_text()) == result
     assert result["episodes"] == 1 and result["seeds"] == [3] and not result["temporal_ensemble"]
     assert 0 <= result["success_rate"] <= 1 and 0 <= result["mean_max_reward"] <= MAX_REWARD
@@ -118,8 +137,8 @@ def test_closed_loop_runs_seeded_episodes_and_records_the_first(trained_model, t
     assert (result["camera"], result["render_size"], result["shadows"]) == ("top", list(DEMO_SIZE), False)
     assert result["instruction"] == TRANSFER_CUBE_INSTRUCTION
     assert result["first_rollout_reasoning"][0]["step"] == 0
-    with Image.open(tmp_path / ROLLOUT_FILE) as gif:
-        assert gif.format == "GIF" and gif.size == (DEMO_SIZE[1], DEMO_SIZE[0])
+    with Image.open(tmp_path / ROLLOUT_FILE) as gif:  # at its own size, not the policy's camera's
+        assert gif.format == "GIF" and gif.size == (176, 120)
         assert 3 <= gif.n_frames <= math.ceil(result["steps"][0] / GIF_FRAME_STRIDE)
         gif.seek(gif.n_frames - 1)
         assert np.asarray(gif.convert("RGB")).std() > 0
@@ -127,7 +146,9 @@ def test_closed_loop_runs_seeded_episodes_and_records_the_first(trained_model, t
 
 def test_closed_loop_with_temporal_ensembling_beside_an_open_loop_result(trained_model, tmp_path):
     (tmp_path / OPEN_LOOP_FILE).write_text("{}")  # the two evaluations share an output folder
-    result = evaluate_closed_loop(trained_model, tmp_path, episodes=2, max_steps=4, temporal_ensemble=True, video=False)
+    result = evaluate_closed_loop(
+        trained_model, tmp_path, episodes=2, max_steps=4, temporal_ensemble=True, video_size=None
+    )
     assert result["temporal_ensemble"] and result["seeds"] == [1000, 1001] and result["steps"] == [4, 4]
     assert not (tmp_path / ROLLOUT_FILE).exists()
     assert json.loads((tmp_path / OPEN_LOOP_FILE).read_text()) == {}
@@ -171,3 +192,17 @@ def test_an_existing_result_is_never_overwritten(trained_model, tmp_path):
     (tmp_path / CLOSED_LOOP_FILE).write_text("{}")
     with pytest.raises(VlaflowError, match="closed_loop.json: already exists"):
         evaluate_closed_loop(trained_model, tmp_path)
+
+
+def test_a_stage_cannot_continue_a_model_in_the_other_action_representation(trained_model, mlp_weights, tmp_path):
+    config = yaml.safe_load((trained_model / CONFIG_FILE).read_text())
+    config["data"]["relative_actions"] = False
+    config_path = tmp_path / "absolute.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    message = (
+        f"{config_path}: data.relative_actions: False, but the model this stage starts from was trained on "
+        f"relative actions over {ALOHA['chunk_size']}-step chunks"
+    )
+    with pytest.raises(VlaflowError, match=f"^{re.escape(message)}$"):
+        train(config_path, "stage1", trained_model, tmp_path / "work", tmp_path / "out", mlp_weights=mlp_weights)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "work").exists()

@@ -8,7 +8,7 @@ from PIL import Image
 from tests.conftest import random_image
 from vlaflow.cli import main
 from vlaflow.errors import VlaflowError
-from vlaflow.report import Run, forgetting_table, write_report
+from vlaflow.report import Run, closed_loop_detail, forgetting_table, write_report
 
 
 def write_json(path, value):
@@ -34,7 +34,13 @@ def runs(tmp_path):
         if label == "vlm":
             runs.append(Run(label, model, (vqa_folder,)))  # no robot statistics: no robot evaluation
             continue
-        closed_loop = {"success_rate": 0.5, "mean_max_reward": 2.5, "seeds": [7], "max_rewards": [4]}
+        closed_loop = {
+            "success_reward": 4,
+            "success_rate": 0.5,
+            "mean_max_reward": 2.5,
+            "seeds": [7, 8, 9, 10],
+            "max_rewards": [4, 0, 2, 4],
+        }
         reference = {"hold_state": {"mse": 0.25}, "mean_action": {"mse": 0.5}}
         write_json(robot_folder / "open_loop.json", {"mse": 0.0123, "l1": 0.0456, "reference": reference})
         write_json(robot_folder / "closed_loop.json", closed_loop)
@@ -54,7 +60,7 @@ def test_forgetting_table_lines_up_each_stage_and_shows_dashes_for_what_was_not_
         "mean action",
         "open-loop L1",
         "success rate",
-        "mean max reward (of 4)",
+        "mean max reward",
     ]
     assert rows == [
         ["vlm", "80.0%", "—", "—", "—", "—", "—", "—"],
@@ -62,6 +68,29 @@ def test_forgetting_table_lines_up_each_stage_and_shows_dashes_for_what_was_not_
         ["stage2", "70.0%", "0.0123", "0.2500", "0.5000", "0.0456", "50.0%", "2.50"],
         ["chance", "45.0%", "—", "—", "—", "—", "—", "—"],
     ]
+
+
+def test_closed_loop_results_come_with_their_spread_and_per_episode_distribution(runs):
+    [(name, header, rows)] = closed_loop_detail(runs)
+    assert name == "Closed loop"
+    assert header == [
+        "", "episodes", "success rate (95% interval)", "mean max reward ± s.e.",
+        "max reward 0", "max reward 1", "max reward 2", "max reward 3", "max reward 4",
+    ]  # fmt: skip
+    # 2 of 4: Wilson's 95% interval is 15.0%-85.0%; the rewards 4, 0, 2, 4 have s.e. sqrt(11/3)/2
+    assert rows == [
+        ["stage1", "4", "50.0% (15.0%–85.0%)", "2.50 ± 0.96", "1", "0", "1", "0", "2"],
+        ["stage2", "4", "50.0% (15.0%–85.0%)", "2.50 ± 0.96", "1", "0", "1", "0", "2"],
+    ]
+
+
+def test_a_success_rate_of_zero_or_one_still_has_an_interval(runs):
+    loop_file = runs[1].find("closed_loop.json")
+    loop_file.write_text(json.dumps({"success_rate": 0.0, "mean_max_reward": 1.0, "max_rewards": [1, 1, 1]}))
+    [(_, header, rows)] = closed_loop_detail(runs[:2])
+    # results written before success_reward was recorded: the levels go up to the highest reached
+    assert header[-1] == "max reward 1"
+    assert rows == [["stage1", "3", "0.0% (0.0%–56.2%)", "1.00 ± 0.00", "0", "3"]]
 
 
 def test_forgetting_csv_has_one_row_per_arm_with_fractions_and_empty_cells(runs, tmp_path):
@@ -95,6 +124,7 @@ def test_report_command_writes_html_markdown_curves_and_rollout(runs, tmp_path, 
     assert "| category: shape | 20.0% | 60.0% | 30.0% |" in markdown
     assert "| chance | 45.0% | 45.0% | 45.0% |" in markdown
     assert "](vqa_vs_robot_error.png)" in markdown
+    assert "## Closed loop" in markdown and "| stage2 | 4 | 50.0% (15.0%–85.0%) | 2.50 ± 0.96 |" in markdown
     assert "![stage2: first rollout (seed 7, max reward 4 of 4)](rollout_stage2.gif)" in markdown
     page = (out / "report.html").read_text()
     assert page.startswith("<!doctype html>") and "<td>70.0%</td>" in page and 'src="loss_vlm.png"' in page

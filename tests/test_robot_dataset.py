@@ -1,3 +1,4 @@
+import json
 import re
 
 import h5py
@@ -318,3 +319,81 @@ def test_no_episodes_is_an_error(tmp_path):
         RobotEpisodeDataset([], SPEC, stats)
     with pytest.raises(VlaflowError, match="no episodes"):
         compute_stats([])
+
+
+RELATIVE_SPEC = RobotSpec(cameras=("top",), image_size=(16, 20), action_dim=3, state_dim=3, chunk_size=CHUNK)
+
+
+@pytest.mark.parametrize("sim", [True, False])
+def test_relative_actions_are_offsets_from_the_observed_state_within_their_range(tmp_path, sim):
+    paths = [make_episode(tmp_path / f"{seed}.hdf5", sim=sim, seed=seed, action_dim=3, state_dim=3) for seed in (1, 2)]
+    stats = compute_stats(paths, delta_horizon=CHUNK)
+    offsets = []  # every action of every chunk a sample can hold, minus its sample's state
+    for seed in (1, 2):
+        actions, qpos = episode_arrays(10, seed, 3, 3)
+        for t in range(10):
+            start = t if sim else max(t - 1, 0)
+            offsets.append(actions[start : start + CHUNK] - qpos[t])
+    offsets = np.concatenate(offsets)
+    assert stats.relative and stats.delta_horizon == CHUNK
+    # the range covers both chunk starts (sim and real) at once; this episode kind's offsets lie inside it
+    assert (stats.delta_min <= offsets.min(axis=0) + 1e-6).all() and (
+        stats.delta_max >= offsets.max(axis=0) - 1e-6
+    ).all()
+    dataset = RobotEpisodeDataset(paths, RELATIVE_SPEC, stats)
+    actions, qpos = episode_arrays(10, 1, 3, 3)
+    sample = dataset[3]
+    state = stats.unnormalize_state(sample.state)
+    np.testing.assert_allclose(state, qpos[3], rtol=1e-5)
+    start = 3 if sim else 2
+    np.testing.assert_allclose(
+        stats.unnormalize_actions(sample.actions, state), actions[start : start + CHUNK], atol=1e-4
+    )
+    np.testing.assert_allclose(
+        stats.normalize_actions(actions[start : start + CHUNK], qpos[3]), sample.actions, atol=1e-5
+    )
+    everything = np.concatenate([dataset[i].actions[~dataset[i].is_pad] for i in range(len(dataset))])
+    assert everything.min() >= -1 - 1e-6 and everything.max() <= 1 + 1e-6
+    # holding the observed joint positions is a chunk of offsets 0, not the absolute range's midpoint
+    held = stats.normalize_actions(np.repeat(qpos[None, 3], CHUNK, axis=0), qpos[3])
+    np.testing.assert_allclose(
+        stats.unnormalize_actions(held, qpos[3]), np.repeat(qpos[None, 3], CHUNK, axis=0), atol=1e-5
+    )
+
+
+def test_relative_actions_batch_and_need_the_state(tmp_path):
+    path = make_episode(tmp_path / "ep.hdf5", action_dim=3, state_dim=3)
+    stats = compute_stats([path], delta_horizon=CHUNK)
+    chunks = np.repeat(np.random.default_rng(0).uniform(-1, 1, size=(1, CHUNK, 3)), 2, axis=0)
+    states = np.array([[0.0, 1.0, 2.0], [5.0, -5.0, 0.5]])
+    batched = stats.unnormalize_actions(chunks, states)
+    for row in range(2):
+        np.testing.assert_allclose(batched[row], stats.unnormalize_actions(chunks[row], states[row]), atol=1e-6)
+    np.testing.assert_allclose(batched[1] - batched[0], np.broadcast_to(states[1] - states[0], (CHUNK, 3)), atol=1e-5)
+    with pytest.raises(ValueError, match="relative actions"):
+        stats.unnormalize_actions(chunks)
+
+
+def test_relative_actions_need_one_action_per_state_dimension(tmp_path):
+    path = make_episode(tmp_path / "ep.hdf5")  # 4 actions, 3 state values
+    with pytest.raises(VlaflowError, match=f"^{re.escape(str(path))}: /action: dimension 4, /observations/qpos has 3"):
+        compute_stats([path], delta_horizon=CHUNK)
+
+
+def test_relative_statistics_round_trip_and_older_files_read_as_absolute(tmp_path):
+    path = make_episode(tmp_path / "ep.hdf5", action_dim=3, state_dim=3)
+    relative = compute_stats([path], delta_horizon=CHUNK)
+    loaded = NormStats.load(relative.save(tmp_path / "relative.json"))
+    assert loaded.delta_horizon == CHUNK
+    np.testing.assert_array_equal(loaded.delta_min, relative.delta_min)
+    np.testing.assert_array_equal(loaded.delta_max, relative.delta_max)
+    absolute = json.loads(compute_stats([path]).save(tmp_path / "absolute.json").read_text())
+    assert "delta_min" not in absolute
+    del absolute["delta_horizon"]  # as written before relative actions existed
+    (tmp_path / "older.json").write_text(json.dumps(absolute))
+    assert not NormStats.load(tmp_path / "older.json").relative
+    content = json.loads((tmp_path / "relative.json").read_text())
+    del content["delta_max"]
+    (tmp_path / "broken.json").write_text(json.dumps(content))
+    with pytest.raises(VlaflowError, match="broken.json: delta_max: missing"):
+        NormStats.load(tmp_path / "broken.json")

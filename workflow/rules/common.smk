@@ -30,11 +30,14 @@ ROBOT_STAGES = [
     name for name, stage in STAGE_TABLE.items() if ROBOT_CONTROL in stage.evaluations
 ]
 ENV = os.path.join(workflow.basedir, config["conda_env"])
-# Training, evaluation and the simulator demos ask for 8 threads: under the README's `--cores 8`
-# they run one at a time, each on every CPU it may use (vlaflow caps its threads and processes at
-# those), rather than several at once oversubscribing a laptop's cores, which makes PyTorch's
-# OpenMP threads spin against each other and every job several times slower.
-HEAVY_THREADS = 8
+# Training and evaluation ask for launcher.threads (8 by default) and the simulator demos for 8:
+# under the README's `--cores 8` such jobs run one at a time, each on every CPU it may use (vlaflow
+# caps its threads and processes at those), rather than several at once oversubscribing a laptop's
+# cores, which makes PyTorch's OpenMP threads spin against each other and every job several times
+# slower. A config whose model gains little from a second thread asks for fewer, and Snakemake
+# runs that many more of its jobs at once.
+HEAVY_THREADS = config["launcher"]["threads"]
+DEMO_THREADS = 8
 # Logs, benchmarks and the resumable work folders sit beside the declared outputs, never inside:
 # Snakemake deletes the outputs of a failed job, and training must be able to resume.
 LOGS = f"{RESULTS}/logs"

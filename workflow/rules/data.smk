@@ -45,7 +45,7 @@ if embedded("aloha_demos"):
             ENV
         container:
             config["container"]
-        threads: HEAVY_THREADS
+        threads: DEMO_THREADS
         params:
             options=lambda w: cli_options(
                 **{

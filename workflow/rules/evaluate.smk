@@ -71,7 +71,14 @@ rule eval_robot:
         options=lambda w: cli_options(
             **{
                 key: config["evaluation"]["robot"][key]
-                for key in ("split", "episodes", "seed", "max_steps", "limit")
+                for key in (
+                    "split",
+                    "episodes",
+                    "seed",
+                    "max_steps",
+                    "limit",
+                    "video_size",
+                )
             },
             temporal_ensemble=config["evaluation"]["robot"]["temporal_ensemble"]
             or None,

@@ -132,6 +132,7 @@ def _eval_robot(args) -> None:
             seed=args.seed,
             max_steps=args.max_steps,
             temporal_ensemble=args.temporal_ensemble,
+            video_size=tuple(args.video_size),
         )
 
 
@@ -311,6 +312,14 @@ def build_parser() -> argparse.ArgumentParser:
     robot.add_argument("--seed", type=int, default=1000, help="seed of the first closed-loop episode")
     robot.add_argument("--max-steps", type=positive_int, default=400)
     robot.add_argument("--temporal-ensemble", action="store_true", help="query every step and average (ACT)")
+    robot.add_argument(
+        "--video-size",
+        type=positive_int,
+        nargs=2,
+        default=(240, 320),
+        metavar=("HEIGHT", "WIDTH"),
+        help="size of the first rollout's video, rollout.gif",
+    )
     robot.set_defaults(run=_eval_robot)
 
     report = commands.add_parser("report", help="one page on a run: losses, evaluations, the forgetting table")

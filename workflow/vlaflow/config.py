@@ -66,6 +66,12 @@ def check_rules(config: dict, source: str = "config") -> dict[str, Stage]:
             raise ConfigError(f"{source}: stages.{stage}.mix: set vl_ratio or vl_batch_fraction, not both")
         if "vl_ratio" in mix and mix["vl_ratio"] < 0 and mix["vl_ratio"] != -1:
             raise ConfigError(f"{source}: stages.{stage}.mix.vl_ratio: must be -1 (all VL data) or >= 0")
+    model = config["model"]
+    if config["data"]["relative_actions"] and model["action_dim"] != model["state_dim"]:
+        raise ConfigError(
+            f"{source}: data.relative_actions: actions relative to the state need model.action_dim "
+            f"({model['action_dim']}) equal to model.state_dim ({model['state_dim']})"
+        )
     return stage_table(config, source)
 
 

@@ -6,7 +6,9 @@ measured; a stage that was not evaluated on something shows a dash."""
 
 import html
 import json
+import math
 import shutil
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -108,7 +110,7 @@ def _chance(runs: list[Run], benchmark: str) -> float | None:
 def forgetting_table(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
     benchmarks = _benchmarks(runs)
     header = ["after", *[f"{name} accuracy" for name in benchmarks]]
-    header += ["open-loop MSE", "hold state", "mean action", "open-loop L1", "success rate", "mean max reward (of 4)"]
+    header += ["open-loop MSE", "hold state", "mean action", "open-loop L1", "success rate", "mean max reward"]
     rows = []
     for run in runs:
         vqa, open_loop, closed_loop = (
@@ -222,6 +224,41 @@ def vqa_detail(runs: list[Run]) -> list[tuple[str, list[str], list[list[str]]]]:
     return tables
 
 
+def _wilson_interval(successes: int, trials: int, z: float = 1.96) -> tuple[float, float]:
+    """The 95% Wilson score interval of a success rate: unlike the normal approximation it stays
+    inside [0, 1] and is not a single point at 0 or 1 successes out of a few episodes."""
+    rate = successes / trials
+    centre = (rate + z * z / (2 * trials)) / (1 + z * z / trials)
+    half = z * math.sqrt(rate * (1 - rate) / trials + z * z / (4 * trials * trials)) / (1 + z * z / trials)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def _top_reward(closed_loop: dict) -> int:
+    """The reward of a successful episode (older results did not record it)."""
+    return closed_loop.get("success_reward", max(closed_loop.get("max_rewards") or [0]))
+
+
+def closed_loop_detail(runs: list[Run]) -> list[tuple[str, list[str], list[list[str]]]]:
+    """The closed-loop results with their spread: the success rate's 95% interval, the mean max
+    reward's standard error, and how many episodes ended at each reward level."""
+    loops = [(run.label, loop) for run in runs if (loop := run.read(CLOSED_LOOP))]
+    if not loops:
+        return []
+    top = max(_top_reward(loop) for _, loop in loops)
+    header = ["", "episodes", "success rate (95% interval)", "mean max reward ± s.e."]
+    header += [f"max reward {level}" for level in range(top + 1)]
+    rows = []
+    for label, loop in loops:
+        rewards = loop["max_rewards"]
+        low, high = _wilson_interval(round(loop["success_rate"] * len(rewards)), len(rewards))
+        spread = statistics.stdev(rewards) / math.sqrt(len(rewards)) if len(rewards) > 1 else None
+        row = [label, str(len(rewards)), f"{_percent(loop['success_rate'])} ({_percent(low)}–{_percent(high)})"]
+        row.append(_number(loop["mean_max_reward"], 2) + (f" ± {_number(spread, 2)}" if spread is not None else ""))
+        row += [str(rewards.count(level)) for level in range(top + 1)]
+        rows.append(row)
+    return [("Closed loop", header, rows)]
+
+
 def _markdown_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
@@ -257,7 +294,7 @@ def write_report(runs: list[Run], out: Path, title: str = "vlaflow run") -> Path
                 shutil.copyfile(run.find(ROLLOUT), staging / name)
                 rollouts.append((run.label, name, run.read(CLOSED_LOOP) or {}))
         header, rows = forgetting_table(runs)
-        details = vqa_detail(runs)
+        details = closed_loop_detail(runs) + vqa_detail(runs)
         skill = SKILL_PLOT if plot_skill(runs, staging / SKILL_PLOT) else None
         (staging / "forgetting.csv").write_text(forgetting_csv(runs))
         (staging / "report.md").write_text(_markdown(title, header, rows, skill, details, curves, rollouts))
@@ -280,7 +317,7 @@ SKILL_CAPTION = "VQA accuracy against open-loop robot error, per arm: up and to 
 def _rollout_caption(label: str, closed_loop: dict) -> str:
     seeds = closed_loop.get("seeds") or [None]
     rewards = closed_loop.get("max_rewards") or [None]
-    return f"{label}: first rollout (seed {seeds[0]}, max reward {rewards[0]} of 4)"
+    return f"{label}: first rollout (seed {seeds[0]}, max reward {rewards[0]} of {_top_reward(closed_loop)})"
 
 
 def _markdown(title, header, rows, skill, details, curves, rollouts) -> str:

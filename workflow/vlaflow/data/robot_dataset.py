@@ -270,14 +270,15 @@ class RobotEpisodeDataset(torch.utils.data.Dataset):
         start = t if info.sim else max(t - 1, 0)
         rows = handle.actions[start : start + self.spec.chunk_size]
         actions = np.zeros((self.spec.chunk_size, self.spec.action_dim), dtype=np.float32)
-        actions[: len(rows)] = self.stats.normalize_actions(rows)
+        state = handle.qpos[t]
+        actions[: len(rows)] = self.stats.normalize_actions(rows, state)
         if handle.substep_reasonings is not None:
             reasoning = _text(handle.substep_reasonings[t])
         else:
             reasoning = info.reasoning or ""
         return RobotSample(
             images=images,
-            state=self.stats.normalize_state(handle.qpos[t]),
+            state=self.stats.normalize_state(state),
             actions=actions,
             is_pad=np.arange(self.spec.chunk_size) >= len(rows),
             instruction=info.instruction,

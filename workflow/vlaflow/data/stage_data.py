@@ -78,8 +78,15 @@ def build_stage_data(
     selections = stage_selections(config, registry, stage, source)
     robot_parts = []
     episodes = {selection.entry.name: selection.entry.episodes(split) for selection in selections[ROBOT]}
+    delta_horizon = config["model"]["chunk_size"] if data["relative_actions"] else 0
     if episodes and stats is None:
-        stats = compute_stats([path for paths in episodes.values() for path in paths])
+        stats = compute_stats([path for paths in episodes.values() for path in paths], delta_horizon)
+    elif episodes and stats.delta_horizon != delta_horizon:
+        raise VlaflowError(
+            f"{source}: data.relative_actions: {data['relative_actions']}, but the model this stage starts from "
+            f"was trained on {'relative' if stats.relative else 'absolute'} actions"
+            + (f" over {stats.delta_horizon}-step chunks" if stats.relative else "")
+        )
     for selection in selections[ROBOT]:
         spec = robot_spec(config, selection.entry)
         dataset = RobotEpisodeDataset(

@@ -4,11 +4,19 @@ Robot state is standardised by mean/std (population std, floored at 1e-2 so a jo
 moves is not blown up); actions are mapped from [min, max] to [-1, 1], the range the diffusion
 head samples in (a zero range is floored at 1e-4). The file holds the true statistics; the floors
 apply when normalising.
+
+With relative actions (`data.relative_actions`), the model predicts each action of a chunk as an
+offset from the joint positions it observed, as pi0 and UMI do: the statistics then also hold
+the [min, max] of `action[t + k] - state[t]` over the offsets `k` of a chunk (`delta_*`;
+`delta_horizon` is the chunk size), and `normalize_actions` / `unnormalize_actions` take the
+state. Holding still is then the middle of the range instead of something to learn, which is
+what a policy trained for minutes lacks most. The absolute `action_*` statistics stay, for the
+trivial reference policies.
 """
 
 import json
 import math
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 
 import h5py
@@ -36,17 +44,33 @@ class NormStats:
     state_max: np.ndarray
     episodes: int
     frames: int
+    delta_min: np.ndarray | None = None
+    delta_max: np.ndarray | None = None
+    delta_horizon: int = 0  # 0: absolute actions
 
     @property
     def action_dim(self) -> int:
         return len(self.action_min)
 
     @property
+    def relative(self) -> bool:
+        return self.delta_horizon > 0
+
+    @property
     def state_dim(self) -> int:
         return len(self.state_mean)
 
-    def _action_range(self) -> np.ndarray:
-        return np.maximum(self.action_max - self.action_min, ACTION_RANGE_FLOOR)
+    def _action_bounds(self) -> tuple[np.ndarray, np.ndarray]:
+        low, high = (self.delta_min, self.delta_max) if self.relative else (self.action_min, self.action_max)
+        return low, np.maximum(high - low, ACTION_RANGE_FLOOR)
+
+    def _origin(self, state: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray | float:
+        """What the actions are relative to: the raw state under each chunk, over all its steps."""
+        if not self.relative:
+            return 0.0
+        if state is None:
+            raise ValueError("relative actions are normalised against the state they start from; none was given")
+        return np.asarray(state, dtype=np.float64).reshape(*shape[:-2], 1, shape[-1])
 
     def normalize_state(self, state: np.ndarray) -> np.ndarray:
         return ((state - self.state_mean) / np.maximum(self.state_std, STATE_STD_FLOOR)).astype(np.float32)
@@ -56,18 +80,25 @@ class NormStats:
             np.asarray(state, dtype=np.float64) * np.maximum(self.state_std, STATE_STD_FLOOR) + self.state_mean
         ).astype(np.float32)
 
-    def normalize_actions(self, actions: np.ndarray) -> np.ndarray:
-        return ((actions - self.action_min) / self._action_range() * 2 - 1).astype(np.float32)
+    def normalize_actions(self, actions: np.ndarray, state: np.ndarray | None = None) -> np.ndarray:
+        """Action chunks (..., steps, action_dim) in robot units to [-1, 1]; `state` (..., state_dim),
+        in robot units, is what each chunk starts from (needed with relative actions)."""
+        actions = np.asarray(actions, dtype=np.float64)
+        low, width = self._action_bounds()
+        return ((actions - self._origin(state, actions.shape) - low) / width * 2 - 1).astype(np.float32)
 
-    def unnormalize_actions(self, actions: np.ndarray) -> np.ndarray:
-        return ((np.asarray(actions, dtype=np.float64) + 1) / 2 * self._action_range() + self.action_min).astype(
-            np.float32
-        )
+    def unnormalize_actions(self, actions: np.ndarray, state: np.ndarray | None = None) -> np.ndarray:
+        """The inverse of `normalize_actions`."""
+        actions = np.asarray(actions, dtype=np.float64)
+        low, width = self._action_bounds()
+        return ((actions + 1) / 2 * width + low + self._origin(state, actions.shape)).astype(np.float32)
 
     def save(self, path: Path) -> Path:
         """Write the JSON file; like every vlaflow output it must not exist yet."""
         content = {
-            name: value.tolist() if isinstance(value, np.ndarray) else value for name, value in vars(self).items()
+            name: value.tolist() if isinstance(value, np.ndarray) else value
+            for name, value in vars(self).items()
+            if value is not None
         }
         with atomic_file(Path(path)) as tmp:
             tmp.write_text(json.dumps(content, indent=1) + "\n")
@@ -85,15 +116,26 @@ class NormStats:
             raise VlaflowError(f"{path}: not a statistics file (expected a JSON object)")
         values = {}
         for field in fields(cls):
-            if field.name not in content:
+            if field.name in content:
+                values[field.name] = _parse_field(path, field.name, content[field.name], counted=field.type is int)
+            elif field.default is MISSING:
                 raise VlaflowError(f"{path}: {field.name}: missing")
-            values[field.name] = _parse_field(path, field.name, content[field.name], counted=field.type is int)
-        for prefix, names in (("action", ("min", "max", "mean", "std")), ("state", ("mean", "std", "min", "max"))):
+        groups = [("action", ("min", "max", "mean", "std")), ("state", ("mean", "std", "min", "max"))]
+        if values.get("delta_horizon"):
+            groups.append(("delta", ("min", "max")))
+            for name in ("delta_min", "delta_max"):
+                if name not in values:
+                    raise VlaflowError(f"{path}: {name}: missing (delta_horizon says the actions are relative)")
+        for prefix, names in groups:
             lengths = {name: len(values[f"{prefix}_{name}"]) for name in names}
             if len(set(lengths.values())) != 1:
                 raise VlaflowError(
                     f"{path}: {prefix}_*: lengths differ ({', '.join(f'{k} {v}' for k, v in lengths.items())})"
                 )
+        if values.get("delta_horizon") and len(values["delta_min"]) != len(values["state_mean"]):
+            raise VlaflowError(
+                f"{path}: delta_min: {len(values['delta_min'])} dimensions, the state has {len(values['state_mean'])}"
+            )
         return cls(**values)
 
 
@@ -151,13 +193,16 @@ def _read_rows(file: h5py.File, path: Path, key: str, expected_dim: int | None) 
     return rows
 
 
-def compute_stats(episode_paths: list[Path]) -> NormStats:
+def compute_stats(episode_paths: list[Path], delta_horizon: int = 0) -> NormStats:
     """Statistics over every frame of every episode, streaming: one episode's actions and states in
-    memory at a time, never its images."""
+    memory at a time, never its images. With a `delta_horizon`, also those of every
+    `action[t + k] - state[t]` within an episode for `-1 <= k < delta_horizon`: a real robot's
+    chunk starts one action early (robot_dataset), a simulated one's at `t`."""
     if not episode_paths:
         raise VlaflowError("no episodes to compute normalisation statistics from")
     actions: _RunningMoments | None = None
     states: _RunningMoments | None = None
+    deltas: _RunningMoments | None = None
     for path in episode_paths:
         try:
             file = h5py.File(path, "r")
@@ -172,6 +217,16 @@ def compute_stats(episode_paths: list[Path]) -> NormStats:
         states = states or _RunningMoments(state_rows.shape[1])
         actions.add(action_rows)
         states.add(state_rows)
+        if delta_horizon:
+            if action_rows.shape[1] != state_rows.shape[1]:
+                raise VlaflowError(
+                    f"{path}: /{ACTION}: dimension {action_rows.shape[1]}, /{QPOS} has {state_rows.shape[1]}: "
+                    "relative actions (data.relative_actions) need one action per state dimension"
+                )
+            deltas = deltas or _RunningMoments(action_rows.shape[1])
+            deltas.add(action_rows[:-1] - state_rows[1:])
+            for offset in range(min(delta_horizon, len(action_rows))):
+                deltas.add(action_rows[offset:] - state_rows[: len(state_rows) - offset])
     if actions.count == 0:
         raise VlaflowError(f"none of the {len(episode_paths)} episodes has a frame (first: {episode_paths[0]})")
     return NormStats(
@@ -185,4 +240,7 @@ def compute_stats(episode_paths: list[Path]) -> NormStats:
         state_max=states.max,
         episodes=len(episode_paths),
         frames=actions.count,
+        delta_min=deltas.min if deltas else None,
+        delta_max=deltas.max if deltas else None,
+        delta_horizon=delta_horizon if deltas else 0,
     )

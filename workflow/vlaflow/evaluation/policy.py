@@ -65,7 +65,9 @@ class Policy:
         inputs = self.processor.generation_inputs(images, instructions).to(self.device)
         states = torch.as_tensor(np.asarray(states), dtype=torch.float32, device=self.device)
         prediction = self.model.predict_action(**inputs, states=states, generator=self.generator)
-        actions = self.stats.unnormalize_actions(prediction.actions.float().cpu().numpy())
+        actions = self.stats.unnormalize_actions(
+            prediction.actions.float().cpu().numpy(), self.stats.unnormalize_state(states.cpu().numpy())
+        )
         reasoning = self.processor.batch_decode(prediction.reasoning_ids, skip_special_tokens=True)
         return PolicyOutput(actions, [text.strip() for text in reasoning])
 

@@ -116,12 +116,13 @@ def evaluate_open_loop(
         predicted = policy.predict(
             [sample.images for sample in batch], states, [sample.instruction for sample in batch]
         ).actions
-        truth = policy.stats.unnormalize_actions(np.stack([sample.actions for sample in batch]))
+        raw_states = policy.stats.unnormalize_state(states)
+        truth = policy.stats.unnormalize_actions(np.stack([sample.actions for sample in batch]), raw_states)
         valid = ~np.stack([sample.is_pad for sample in batch])
         errors.add(predicted, truth, valid)
         references["mean_action"].add(np.broadcast_to(policy.stats.action_mean, truth.shape), truth, valid)
         if "hold_state" in references:
-            held = policy.stats.unnormalize_state(states)[:, None, :]
+            held = raw_states[:, None, :]
             references["hold_state"].add(np.broadcast_to(held, truth.shape), truth, valid)
     result = {
         "split": split,
@@ -198,7 +199,7 @@ class Rollout:
     max_reward: int
     steps: int
     seconds: float
-    frames: list[np.ndarray]  # every GIF_FRAME_STRIDE-th camera frame, when kept
+    frames: list[np.ndarray]  # every GIF_FRAME_STRIDE-th camera frame at the video's size, when kept
     reasoning: list[dict]  # {"step", "text"} each time the model's reasoning changes
 
 
@@ -210,10 +211,12 @@ def run_episode(
     *,
     max_steps: int,
     temporal_ensemble: bool,
-    keep_frames: bool,
+    video_size: tuple[int, int] | None,
 ) -> Rollout:
     """One episode from `sim.reset(seed)` until success or `max_steps`. The policy is queried
-    whenever its last chunk is used up, or at every step with temporal ensembling."""
+    whenever its last chunk is used up, or at every step with temporal ensembling. With
+    `video_size`, every GIF_FRAME_STRIDE-th frame is also rendered at that size for the video:
+    the policy's own frames are too small to see the gripper and the cube."""
     policy.reseed(seed)  # an episode's actions do not depend on the episodes before it
     started = time.perf_counter()
     joints = sim.reset(seed)
@@ -221,13 +224,11 @@ def run_episode(
     ensemble = TemporalEnsemble() if temporal_ensemble else None
     frames, reasoning, max_reward = [], [], 0
     for step in range(max_steps):
-        keep_frame = keep_frames and step % GIF_FRAME_STRIDE == 0
+        if video_size and step % GIF_FRAME_STRIDE == 0:
+            frames.append(sim.render(video_size))
         query = ensemble is not None or not pending
-        # Rendering is most of a step's cost on a CPU: only the frames someone looks at.
-        frame = sim.render() if keep_frame or query else None
-        if keep_frame:
-            frames.append(frame)
-        if query:
+        if query:  # rendering is most of a step's cost on a CPU: only the frames the policy sees
+            frame = sim.render()
             images, state = policy.observe([frame], joints.qpos)
             output = policy.predict([images], state[None], [setup.instruction])
             if not reasoning or reasoning[-1]["text"] != output.reasoning[0]:
@@ -265,14 +266,15 @@ def evaluate_closed_loop(
     max_steps: int = EPISODE_LENGTH,
     temporal_ensemble: bool = False,
     render_size: tuple[int, int] | None = None,
-    video: bool = True,
+    video_size: tuple[int, int] | None = None,
 ) -> dict:
     """Run `episodes` transfer-cube episodes with seeds `seed`, `seed + 1`, ... under the policy;
-    writes `closed_loop.json` and, with `video`, the first rollout as `rollout.gif`."""
+    writes `closed_loop.json` and, with `video_size` (height, width), the first rollout as
+    `rollout.gif` at that size."""
     if episodes < 1 or max_steps < 1:
         raise VlaflowError(f"episodes and max_steps must be at least 1, not {episodes} and {max_steps}")
     out_dir = Path(out_dir)
-    _refuse_existing([out_dir / CLOSED_LOOP_FILE] + ([out_dir / ROLLOUT_FILE] if video else []))
+    _refuse_existing([out_dir / CLOSED_LOOP_FILE] + ([out_dir / ROLLOUT_FILE] if video_size else []))
     policy = Policy(model_dir, seed)
     if (policy.action_dim, policy.state_dim) != (ALOHA_DIM, ALOHA_DIM):
         raise VlaflowError(
@@ -290,7 +292,7 @@ def evaluate_closed_loop(
             seed + number,
             max_steps=max_steps,
             temporal_ensemble=temporal_ensemble,
-            keep_frames=video and number == 0,
+            video_size=video_size if number == 0 else None,
         )
         rollouts.append(rollout)
         print(
@@ -303,6 +305,7 @@ def evaluate_closed_loop(
         "episodes": episodes,
         "seeds": [rollout.seed for rollout in rollouts],
         "max_rewards": max_rewards,
+        "success_reward": MAX_REWARD,
         "success_rate": sum(reward == MAX_REWARD for reward in max_rewards) / episodes,
         "mean_max_reward": float(np.mean(max_rewards)),
         "temporal_ensemble": temporal_ensemble,
@@ -315,7 +318,7 @@ def evaluate_closed_loop(
         "instruction": setup.instruction,
         "first_rollout_reasoning": rollouts[0].reasoning,
     }
-    if video:
+    if video_size:
         _write_gif(out_dir / ROLLOUT_FILE, rollouts[0].frames)
     _write_json(out_dir / CLOSED_LOOP_FILE, result)
     print(

@@ -88,11 +88,12 @@ class TransferCubeSim:
         step = self._env.step(np.asarray(action, dtype=np.float64))
         return step.observation, int(step.reward)
 
-    def render(self) -> np.ndarray:
-        """(height, width, 3) uint8."""
+    def render(self, size: tuple[int, int] | None = None) -> np.ndarray:
+        """(height, width, 3) uint8, at the camera's size or at `size` (height, width)."""
+        height, width = size or (self.height, self.width)
         return self._env.physics.render(
-            height=self.height,
-            width=self.width,
+            height=height,
+            width=width,
             camera_id=self.camera,
             scene_callback=None if self.shadows else _without_shadows,
         )
