@@ -144,6 +144,41 @@ def test_closed_loop_runs_seeded_episodes_and_records_the_first(trained_model, t
         assert np.asarray(gif.convert("RGB")).std() > 0
 
 
+@pytest.mark.parametrize(
+    ("temporal_ensemble", "query_every", "queries"),
+    [
+        (False, None, 2),  # at steps 0 and 10: a 10-step chunk used up, then the next
+        (False, 4, 3),  # 0, 4, 8: 4 actions of each chunk (receding horizon)
+        (True, None, 12),  # ACT: every step
+        (True, 3, 4),  # 0, 3, 6, 9
+    ],
+)
+def test_the_policy_is_queried_every_query_every_steps(
+    trained_model, tmp_path, monkeypatch, temporal_ensemble, query_every, queries
+):
+    calls = []
+    predict = Policy.predict
+
+    def counted(policy, images, states, instructions):  # the real prediction, with its step recorded
+        calls.append(states[0].copy())
+        return predict(policy, images, states, instructions)
+
+    monkeypatch.setattr(Policy, "predict", counted)
+    result = evaluate_closed_loop(
+        trained_model, tmp_path, episodes=1, max_steps=12, temporal_ensemble=temporal_ensemble,
+        query_every=query_every,
+    )  # fmt: skip
+    assert result["steps"] == [12] and len(calls) == queries
+    assert result["query_every"] == (query_every or (1 if temporal_ensemble else ALOHA["chunk_size"]))
+    assert not np.array_equal(calls[0], calls[-1])  # each query sees the robot where it is by then
+
+
+def test_a_query_interval_longer_than_the_chunk_is_an_error(trained_model, tmp_path):
+    with pytest.raises(VlaflowError, match="query every 11 steps: the model predicts 10-step chunks"):
+        evaluate_closed_loop(trained_model, tmp_path, episodes=1, query_every=11)
+    assert not (tmp_path / CLOSED_LOOP_FILE).exists()
+
+
 def test_closed_loop_with_temporal_ensembling_beside_an_open_loop_result(trained_model, tmp_path):
     (tmp_path / OPEN_LOOP_FILE).write_text("{}")  # the two evaluations share an output folder
     result = evaluate_closed_loop(
@@ -196,6 +231,7 @@ def test_an_existing_result_is_never_overwritten(trained_model, tmp_path):
 
 def test_a_stage_cannot_continue_a_model_in_the_other_action_representation(trained_model, mlp_weights, tmp_path):
     config = yaml.safe_load((trained_model / CONFIG_FILE).read_text())
+    del config["stage"]  # the model's record of its own stage, not a config key
     config["data"]["relative_actions"] = False
     config_path = tmp_path / "absolute.yaml"
     config_path.write_text(yaml.safe_dump(config))

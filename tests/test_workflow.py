@@ -263,6 +263,22 @@ def test_the_launcher_shapes_the_training_command_and_its_resources(tmp_path, la
         assert resources in job, job
 
 
+def test_a_second_configfile_changes_the_first_key_by_key(tmp_path):
+    """How config/showcase.yaml runs: `--configfile config/config.yaml config/showcase.yaml`."""
+    base = tiny_workflow(tmp_path)
+    longer = tmp_path / "longer.yaml"
+    change = {"results": str(tmp_path / "longer"), "stages": {"stage1": {"training": {"max_steps": 9}}}}
+    longer.write_text(yaml.safe_dump(change))
+    plan = snakemake(tmp_path, "-n", "all", "--configfile", str(base), str(longer))
+    assert plan.returncode == 0, plan.stderr[-3000:]
+    resolved = yaml.safe_load((tmp_path / "longer" / "config.yaml").read_text())
+    settings = yaml.safe_load(base.read_text())
+    assert resolved["stages"]["stage1"]["training"] == {"max_steps": 9}
+    assert resolved["stages"]["stage1"]["from"] == settings["stages"]["stage1"]["from"]
+    assert set(resolved["stages"]) == set(settings["stages"])
+    assert resolved["data"] == {**resolved["data"], **settings["data"]}
+
+
 def test_a_configfile_stands_alone_and_config_overrides_reach_the_commands(tmp_path):
     settings = yaml.safe_load(tiny_workflow(tmp_path).read_text())
     (tmp_path / "config").mkdir()  # the Snakefile's default, which has a vlm stage

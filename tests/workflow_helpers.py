@@ -57,6 +57,8 @@ def embedded_workflow(root: Path) -> Path:
     config["evaluation"]["vqa"]["lmudata"] = str(root / "resources" / "LMUData")
     config["evaluation"]["robot"].update(limit=8, episodes=1, max_steps=16)
     config["training"].update(max_steps=2, per_device_batch_size=2, save_steps=2, num_workers=0)
+    for stage in config["stages"].values():
+        stage.pop("training", None)  # the default's longer stages, cut to the steps above
     path = root / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     return path

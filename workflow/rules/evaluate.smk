@@ -77,6 +77,7 @@ rule eval_robot:
                     "seed",
                     "max_steps",
                     "limit",
+                    "query_every",
                     "video_size",
                 )
             },

@@ -132,6 +132,7 @@ def _eval_robot(args) -> None:
             seed=args.seed,
             max_steps=args.max_steps,
             temporal_ensemble=args.temporal_ensemble,
+            query_every=args.query_every,
             video_size=tuple(args.video_size),
         )
 
@@ -311,7 +312,13 @@ def build_parser() -> argparse.ArgumentParser:
     robot.add_argument("--episodes", type=int, default=10, help="closed-loop episodes in the simulator (0: none)")
     robot.add_argument("--seed", type=int, default=1000, help="seed of the first closed-loop episode")
     robot.add_argument("--max-steps", type=positive_int, default=400)
-    robot.add_argument("--temporal-ensemble", action="store_true", help="query every step and average (ACT)")
+    robot.add_argument("--temporal-ensemble", action="store_true", help="average the chunks that cover a step (ACT)")
+    robot.add_argument(
+        "--query-every",
+        type=positive_int,
+        metavar="STEPS",
+        help="steps between policy queries (default: 1 with --temporal-ensemble, else the chunk size)",
+    )
     robot.add_argument(
         "--video-size",
         type=positive_int,

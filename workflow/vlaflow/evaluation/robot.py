@@ -211,12 +211,15 @@ def run_episode(
     *,
     max_steps: int,
     temporal_ensemble: bool,
+    query_every: int,
     video_size: tuple[int, int] | None,
 ) -> Rollout:
     """One episode from `sim.reset(seed)` until success or `max_steps`. The policy is queried
-    whenever its last chunk is used up, or at every step with temporal ensembling. With
-    `video_size`, every GIF_FRAME_STRIDE-th frame is also rendered at that size for the video:
-    the policy's own frames are too small to see the gripper and the cube."""
+    every `query_every` steps: without temporal ensembling the robot executes that many actions of
+    each chunk (Diffusion Policy's receding horizon), with it each step's action averages every
+    chunk that covers the step (ACT). With `video_size`, every GIF_FRAME_STRIDE-th frame is also
+    rendered at that size for the video: the policy's own frames are too small to see the
+    gripper and the cube."""
     policy.reseed(seed)  # an episode's actions do not depend on the episodes before it
     started = time.perf_counter()
     joints = sim.reset(seed)
@@ -226,8 +229,8 @@ def run_episode(
     for step in range(max_steps):
         if video_size and step % GIF_FRAME_STRIDE == 0:
             frames.append(sim.render(video_size))
-        query = ensemble is not None or not pending
-        if query:  # rendering is most of a step's cost on a CPU: only the frames the policy sees
+        # rendering is much of a step's cost on a CPU: only the frames someone looks at
+        if step % query_every == 0:
             frame = sim.render()
             images, state = policy.observe([frame], joints.qpos)
             output = policy.predict([images], state[None], [setup.instruction])
@@ -236,7 +239,7 @@ def run_episode(
             if ensemble is not None:
                 ensemble.add(step, output.actions[0])
             else:
-                pending.extend(output.actions[0])
+                pending = deque(output.actions[0][:query_every])
         joints, reward = sim.step(ensemble.action(step) if ensemble is not None else pending.popleft())
         max_reward = max(max_reward, reward)
         if max_reward == MAX_REWARD:
@@ -265,12 +268,14 @@ def evaluate_closed_loop(
     seed: int = 1000,
     max_steps: int = EPISODE_LENGTH,
     temporal_ensemble: bool = False,
+    query_every: int | None = None,
     render_size: tuple[int, int] | None = None,
     video_size: tuple[int, int] | None = None,
 ) -> dict:
-    """Run `episodes` transfer-cube episodes with seeds `seed`, `seed + 1`, ... under the policy;
-    writes `closed_loop.json` and, with `video_size` (height, width), the first rollout as
-    `rollout.gif` at that size."""
+    """Run `episodes` transfer-cube episodes with seeds `seed`, `seed + 1`, ... under the policy,
+    querying it every `query_every` steps (by default every step with temporal ensembling, else
+    once per chunk); writes `closed_loop.json` and, with `video_size` (height, width), the first
+    rollout as `rollout.gif` at that size."""
     if episodes < 1 or max_steps < 1:
         raise VlaflowError(f"episodes and max_steps must be at least 1, not {episodes} and {max_steps}")
     out_dir = Path(out_dir)
@@ -280,6 +285,12 @@ def evaluate_closed_loop(
         raise VlaflowError(
             f"{model_dir}: action/state dimensions {policy.action_dim}/{policy.state_dim}; "
             f"the transfer-cube simulator needs {ALOHA_DIM}/{ALOHA_DIM}"
+        )
+    query_every = query_every or (1 if temporal_ensemble else policy.chunk_size)
+    if not 1 <= query_every <= policy.chunk_size:
+        raise VlaflowError(
+            f"query every {query_every} steps: the model predicts {policy.chunk_size}-step chunks "
+            f"(evaluation.robot.query_every from 1 to {policy.chunk_size})"
         )
     setup = simulation_setup(policy, render_size)
     sim = TransferCubeSim(*setup.render_size, camera=setup.camera, shadows=setup.shadows)
@@ -292,6 +303,7 @@ def evaluate_closed_loop(
             seed + number,
             max_steps=max_steps,
             temporal_ensemble=temporal_ensemble,
+            query_every=query_every,
             video_size=video_size if number == 0 else None,
         )
         rollouts.append(rollout)
@@ -309,6 +321,7 @@ def evaluate_closed_loop(
         "success_rate": sum(reward == MAX_REWARD for reward in max_rewards) / episodes,
         "mean_max_reward": float(np.mean(max_rewards)),
         "temporal_ensemble": temporal_ensemble,
+        "query_every": query_every,
         "steps": [rollout.steps for rollout in rollouts],
         "max_steps": max_steps,
         "seconds": [round(rollout.seconds, 3) for rollout in rollouts],
