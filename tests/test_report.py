@@ -74,13 +74,12 @@ def test_closed_loop_results_come_with_their_spread_and_per_episode_distribution
     [(name, header, rows)] = closed_loop_detail(runs)
     assert name == "Closed loop"
     assert header == [
-        "", "episodes", "success rate (95% interval)", "mean max reward ± s.e.",
-        "max reward 0", "max reward 1", "max reward 2", "max reward 3", "max reward 4",
-    ]  # fmt: skip
+        "", "episodes", "success rate (95% interval)", "mean max reward ± s.e.", "episodes by max reward 0 / 1 / 2 / 3 / 4"
+    ]
     # 2 of 4: Wilson's 95% interval is 15.0%-85.0%; the rewards 4, 0, 2, 4 have s.e. sqrt(11/3)/2
     assert rows == [
-        ["stage1", "4", "50.0% (15.0%–85.0%)", "2.50 ± 0.96", "1", "0", "1", "0", "2"],
-        ["stage2", "4", "50.0% (15.0%–85.0%)", "2.50 ± 0.96", "1", "0", "1", "0", "2"],
+        ["stage1", "4", "50.0% (15.0%–85.0%)", "2.50 ± 0.96", "1 / 0 / 1 / 0 / 2"],
+        ["stage2", "4", "50.0% (15.0%–85.0%)", "2.50 ± 0.96", "1 / 0 / 1 / 0 / 2"],
     ]
 
 
@@ -89,8 +88,8 @@ def test_a_success_rate_of_zero_or_one_still_has_an_interval(runs):
     loop_file.write_text(json.dumps({"success_rate": 0.0, "mean_max_reward": 1.0, "max_rewards": [1, 1, 1]}))
     [(_, header, rows)] = closed_loop_detail(runs[:2])
     # results written before success_reward was recorded: the levels go up to the highest reached
-    assert header[-1] == "max reward 1"
-    assert rows == [["stage1", "3", "0.0% (0.0%–56.2%)", "1.00 ± 0.00", "0", "3"]]
+    assert header[-1] == "episodes by max reward 0 / 1"
+    assert rows == [["stage1", "3", "0.0% (0.0%–56.2%)", "1.00 ± 0.00", "0 / 3"]]
 
 
 def test_forgetting_csv_has_one_row_per_arm_with_fractions_and_empty_cells(runs, tmp_path):

@@ -245,8 +245,8 @@ def closed_loop_detail(runs: list[Run]) -> list[tuple[str, list[str], list[list[
     if not loops:
         return []
     top = max(_top_reward(loop) for _, loop in loops)
-    header = ["", "episodes", "success rate (95% interval)", "mean max reward ± s.e."]
-    header += [f"max reward {level}" for level in range(top + 1)]
+    levels = " / ".join(map(str, range(top + 1)))
+    header = ["", "episodes", "success rate (95% interval)", "mean max reward ± s.e.", f"episodes by max reward {levels}"]
     rows = []
     for label, loop in loops:
         rewards = loop["max_rewards"]
@@ -254,7 +254,7 @@ def closed_loop_detail(runs: list[Run]) -> list[tuple[str, list[str], list[list[
         spread = statistics.stdev(rewards) / math.sqrt(len(rewards)) if len(rewards) > 1 else None
         row = [label, str(len(rewards)), f"{_percent(loop['success_rate'])} ({_percent(low)}–{_percent(high)})"]
         row.append(_number(loop["mean_max_reward"], 2) + (f" ± {_number(spread, 2)}" if spread is not None else ""))
-        row += [str(rewards.count(level)) for level in range(top + 1)]
+        row.append(" / ".join(str(rewards.count(level)) for level in range(top + 1)))
         rows.append(row)
     return [("Closed loop", header, rows)]
 
