@@ -1,6 +1,7 @@
 # The two Quick start commands: `make run` and `make test`. Each sets up .venv itself on a fresh
 # machine (torch first, pinned by envs/cpu-constraints.txt, then vlaflow with the workflow,
-# test, simulator and DeepSpeed extras).
+# test, simulator, DeepSpeed and VLMEvalKit extras, then VLMEvalKit itself without its dependencies:
+# they include torchvision, which cannot share the CPU torch).
 PYTHON ?= python3
 VENV ?= .venv
 CONSTRAINTS := envs/cpu-constraints.txt
@@ -23,7 +24,8 @@ setup: $(INSTALLED)
 $(INSTALLED): pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --constraint $(CONSTRAINTS) torch
-	$(VENV)/bin/pip install --quiet --constraint $(CONSTRAINTS) --editable '.[workflow,test,sim,deepspeed]'
+	$(VENV)/bin/pip install --quiet --constraint $(CONSTRAINTS) --editable '.[workflow,test,sim,deepspeed,vlmevalkit]'
+	$(VENV)/bin/pip install --quiet --constraint $(CONSTRAINTS) --no-deps ms-vlmeval
 	touch $@
 
 # The whole embedded default through the workflow; a second run finds nothing to do.

@@ -32,6 +32,8 @@ CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 # What each environment must cover: the extras of pyproject.toml it installs, and the constraints
 # it may leave out, each with the reason. A constraint added to cpu-constraints.txt fails these
 # tests until each environment pins it or says here why not.
+# The parity tests' VLMEvalKit (extra `vlmevalkit`, and ms-vlmeval itself without dependencies).
+VLMEVALKIT = ("ms-vlmeval", "sty", "validators", "tabulate", "tqdm")
 ENVS = {
     "vlaflow": {
         "extras": ["sim", "workflow"],
@@ -39,6 +41,7 @@ ENVS = {
             "pytest": "tests run from .venv (make test), not in the rules' environment",
             "snakefmt": "a format check for developers",
             "deepspeed": "GPU training; the CPU environment runs the embedded default without it",
+            **{package: "VLMEvalKit for the parity tests, in .venv only" for package in VLMEVALKIT},
         },
     },
     "vlaflow-gpu": {
@@ -46,6 +49,7 @@ ENVS = {
         "not_pinned": {
             "pytest": "tests run from .venv (make test), not in the rules' environment",
             "snakefmt": "a format check for developers",
+            **{package: "VLMEvalKit for the parity tests, in .venv only" for package in VLMEVALKIT},
         },
     },
 }

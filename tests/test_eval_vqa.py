@@ -1,29 +1,30 @@
 import base64
 import csv
-import importlib.util
+import inspect
 import io
 import json
+from pathlib import Path
 
 import pytest
 
 from tests.conftest import random_image
 from vlaflow.data.easy_vqa import EASY_VQA_BENCHMARK, build_easy_vqa_benchmark
 from vlaflow.errors import VlaflowError
-from vlaflow.evaluation import vlmevalkit
 from vlaflow.evaluation.vlmevalkit import VlaflowVLM
+from vlaflow.evaluation.exact_matching import can_infer, read_prediction_file
 from vlaflow.evaluation.vqa import (
     SUMMARY,
-    accuracy_table,
-    answer_batch,
+    answer_messages,
     benchmark_summary,
     decode_image,
     evaluate_vqa,
-    extract_choice,
     mcq_prompt,
+    prompt_message,
     read_benchmark,
-    score,
+    score_benchmark,
 )
 
+ROOT = Path(__file__).resolve().parents[1]
 OPTIONS = {"A": "blue square", "B": "green triangle", "C": "red circle", "D": "yellow star"}
 
 
@@ -61,9 +62,10 @@ def read_tsv(path, delimiter="\t") -> list[dict]:
         ("Red Circle", "C"),  # restated text is matched lower-cased
         ("A or B", None),  # two letters, and no option's text
         ("I cannot answer this.", None),
-        ("Cannot determine the answer: B", None),  # one of VLMEvalKit's refusals
+        ("Cannot determine the answer: B", "Z"),  # one of VLMEvalKit's refusals
+        ("Failed to obtain answer via API: B", None),  # read for option texts only
         ("", None),
-        ("Z", None),  # VLMEvalKit's "none of the options"
+        ("Z", "Z"),  # VLMEvalKit's "none of the options"
         ("B is the answer here", None),  # B is not among the last four words
         ("B is the answer", "B"),
         ("A red circle", "A"),  # VLMEvalKit reads the article "A" as the letter
@@ -71,19 +73,19 @@ def read_tsv(path, delimiter="\t") -> list[dict]:
         ("red circle or blue square", None),  # two options restated
     ],
 )
-def test_extract_choice_gives_vlmevalkits_verdict(prediction, expected):
-    assert extract_choice(prediction, OPTIONS) == expected
+def test_can_infer_gives_vlmevalkits_verdict(prediction, expected):
+    assert can_infer(prediction, OPTIONS) == expected
 
 
 def test_a_letter_that_is_no_option_is_not_read():
-    assert extract_choice("E", OPTIONS) is None
-    assert extract_choice("E", {**OPTIONS, "E": "black dot"}) == "E"
+    assert can_infer("E", OPTIONS) is None
+    assert can_infer("E", {**OPTIONS, "E": "black dot"}) == "E"
 
 
 def test_a_prediction_far_longer_than_the_options_is_not_searched_for_their_text():
     rambling = "it could be a red circle " + "or perhaps something else entirely " * 5
-    assert extract_choice(rambling, OPTIONS) is None
-    assert extract_choice("it could be a red circle", OPTIONS) == "C"
+    assert can_infer(rambling, OPTIONS) is None
+    assert can_infer("it could be a red circle", OPTIONS) == "C"
 
 
 # --- reading benchmarks ---
@@ -104,7 +106,7 @@ def variants_tsv(tmp_path):
         ["shape", "identify", "dev"],
         ["color", "identify", "dev"],
         ["size", "judge", "validation"],
-        ["count", "", "validation"],
+        ["count", "judge", "validation"],
     ]
     path = tmp_path / "Variants.tsv"
     write_tsv(path, header, [row + group for row, group in zip(rows, groups)])
@@ -112,7 +114,7 @@ def variants_tsv(tmp_path):
 
 
 def test_tsv_variants_load_with_shared_images_hints_and_absent_options(variants_tsv):
-    questions = read_benchmark(variants_tsv)
+    questions = read_benchmark(variants_tsv).questions
     assert [question.index for question in questions] == [10, 11, 12, 13]
     first, second, third, fourth = questions
     assert second.images == first.images and fourth.images == third.images != first.images
@@ -120,14 +122,13 @@ def test_tsv_variants_load_with_shared_images_hints_and_absent_options(variants_
     assert second.options == {"A": "red", "B": "blue", "C": "green", "D": "gray", "E": "teal"}
     assert first.hint == "Look closely." and second.hint is None
     assert third.hint is None  # pandas, and so VLMEvalKit, reads "nan" as a missing cell
-    assert third.groups == {"split": "validation", "category": "size", "l2-category": "judge"}
-    assert fourth.groups == {"split": "validation", "category": "count"}
+    assert fourth.options["D"] == "4"  # the column has text too, so pandas keeps text
     assert decode_image(first.images[0]).size == (16, 16)
-    assert [question.index for question in read_benchmark(variants_tsv, limit=2)] == [10, 11]
+    assert [question.index for question in read_benchmark(variants_tsv, limit=2).questions] == [10, 11]
 
 
 def test_prompt_is_vlmevalkits_multiple_choice_prompt(variants_tsv):
-    with_hint, five_options = read_benchmark(variants_tsv)[:2]
+    with_hint, five_options = read_benchmark(variants_tsv).questions[:2]
     assert mcq_prompt(with_hint) == (
         "Hint: Look closely.\n"
         "Question: What shape?\n"
@@ -149,11 +150,15 @@ def test_mmmu_rows_with_several_images_and_open_questions_load_as_vlmevalkit_rea
         [2, images[0], "2.jpg", "How many degrees?", "", "", "", "90", "validation", "Math"],
     ]
     write_tsv(tmp_path / "MMMU_DEV_VAL.tsv", header, [rows[0] + ["dev", "Art"], rows[1]])
-    several, open_question = read_benchmark(tmp_path / "MMMU_DEV_VAL.tsv")
+    benchmark = read_benchmark(tmp_path / "MMMU_DEV_VAL.tsv")
+    several, open_question = benchmark.questions
     assert several.images == tuple(images)
     assert mcq_prompt(open_question) == "Question: How many degrees?\n"
-    assert open_question.choices == {"A": "90", "B": "Other Answers"} and open_question.answer == "A"
-    assert extract_choice("90", open_question.choices) == "A"
+    assert open_question.answer == "A" and open_question.choice_count == 2
+    message = prompt_message(benchmark.name, several)
+    assert [part["type"] for part in message] == ["text", "image", "text", "image", "text"]
+    assert [part["value"] for part in message if part["type"] == "image"] == images
+    assert message[0]["value"] == "Question: " and message[2]["value"] == " or "
 
 
 def test_image_cells_beyond_csvs_default_field_limit_load(tmp_path):
@@ -163,42 +168,46 @@ def test_image_cells_beyond_csvs_default_field_limit_load(tmp_path):
     write_tsv(
         tmp_path / "Large.tsv", ["index", "image", "question", "A", "B", "answer"], [[0, large, "q", "x", "y", "B"]]
     )
-    assert read_benchmark(tmp_path / "Large.tsv")[0].images == (large,)
+    assert read_benchmark(tmp_path / "Large.tsv").questions[0].images == (large,)
 
 
 # --- scoring ---
 
 
-def test_scores_and_accuracies_per_split_category_and_l2_category(variants_tsv):
-    questions = read_benchmark(variants_tsv)
+def test_scores_and_vlmevalkits_table_per_split(variants_tsv, tmp_path):
+    benchmark = read_benchmark(variants_tsv)
     predictions = ["C", "The answer is E.", "no", "I do not know."]
-    verdicts = score(questions, predictions)
-    assert [(verdict.extracted, verdict.hit) for verdict in verdicts] == [
-        ("C", True),
-        ("E", True),
-        ("B", False),
-        (None, False),
+    scored = score_benchmark(benchmark, predictions, tmp_path / "model_Variants.xlsx")
+    assert list(zip(scored.rows["extracted"], scored.rows["hit"])) == [("C", 1), ("E", 1), ("B", 0), ("", 0)]
+    assert list(read_prediction_file(tmp_path / "model_Variants.xlsx")["prediction"]) == predictions
+    nan = pytest.approx(float("nan"), nan_ok=True)
+    assert scored.table == [
+        {
+            "split": "dev",
+            "Overall": 1.0,
+            "identify": 1.0,
+            "judge": nan,
+            "color": 1.0,
+            "count": nan,
+            "shape": 1.0,
+            "size": nan,
+        },
+        {
+            "split": "validation",
+            "Overall": 0.0,
+            "identify": nan,
+            "judge": 0.0,
+            "color": nan,
+            "count": 0.0,
+            "shape": nan,
+            "size": 0.0,
+        },
     ]
-    table = accuracy_table(verdicts)
-    assert [(row.group, row.name, row.correct, row.total) for row in table] == [
-        ("overall", "Overall", 2, 4),
-        ("split", "dev", 2, 2),
-        ("split", "validation", 0, 2),
-        ("category", "color", 1, 1),
-        ("category", "count", 0, 1),
-        ("category", "shape", 1, 1),
-        ("category", "size", 0, 1),
-        ("l2-category", "identify", 2, 2),
-        ("l2-category", "judge", 0, 1),
-    ]
-    assert benchmark_summary(table, questions) == {
-        "overall": 0.5,
-        "total": 4,
-        "chance": pytest.approx((1 / 3 + 1 / 5 + 1 / 2 + 1 / 5) / 4),  # 3, 5, 2 and 5 options
-        "split": {"dev": 1.0, "validation": 0.0},
-        "category": {"color": 1.0, "count": 0.0, "shape": 1.0, "size": 0.0},
-        "l2-category": {"identify": 1.0, "judge": 0.0},
-    }
+    summary = benchmark_summary(benchmark, scored)
+    assert summary["overall"] == 0.5 and summary["total"] == 4
+    assert summary["chance"] == pytest.approx((1 / 3 + 1 / 5 + 1 / 2 + 1 / 5) / 4)  # 3, 5, 2 and 5 options
+    assert summary["split"] == {"dev": 1.0, "validation": 0.0}
+    assert summary["vlmevalkit"][0]["judge"] is None  # JSON has no NaN
 
 
 # --- errors name the file, the row and the field ---
@@ -229,6 +238,15 @@ def test_a_malformed_row_is_a_one_line_error_naming_file_row_and_field(tmp_path,
     assert "\n" not in str(error.value)
 
 
+def test_a_row_without_a_category_is_an_error_naming_it(tmp_path):
+    header = ["index", "image", "question", "A", "B", "answer", "category"]
+    write_tsv(
+        tmp_path / "Bad.tsv", header, [[1, png_base64(0), "q", "x", "y", "A", "size"], [2, "1", "q", "x", "y", "A", ""]]
+    )
+    with pytest.raises(VlaflowError, match=r"Bad\.tsv: row index 2: category: empty"):
+        read_benchmark(tmp_path / "Bad.tsv")
+
+
 def test_bad_input_is_reported_before_any_model_loads(tmp_path):
     write_tsv(tmp_path / "Bad.tsv", ["index", "image", "question", "A", "B", "answer"], [[1, "", "q", "x", "y", "A"]])
     with pytest.raises(VlaflowError, match="Bad.tsv: row index 1: image: empty"):
@@ -248,37 +266,32 @@ def evaluated(vla_folder, tmp_path_factory):
     return lmudata, out, summary
 
 
-def test_evaluation_writes_predictions_accuracies_and_summary(evaluated, vla_folder):
+def test_evaluation_writes_vlmevalkits_files_verdicts_and_summary(evaluated, vla_folder):
     lmudata, out, summary = evaluated
-    predictions_file = out / f"{vla_folder.name}_{EASY_VQA_BENCHMARK}.tsv"
-    accuracy_file = out / f"{vla_folder.name}_{EASY_VQA_BENCHMARK}_acc.csv"
-    assert sorted(path.name for path in out.iterdir()) == sorted([predictions_file.name, accuracy_file.name, SUMMARY])
+    stem = f"{vla_folder.name}_{EASY_VQA_BENCHMARK}"
+    expected = [f"{stem}.xlsx", f"{stem}_verdicts.tsv", f"{stem}_acc.csv", SUMMARY]
+    assert sorted(path.name for path in out.iterdir()) == sorted(expected)
 
-    rows = read_tsv(predictions_file)
-    assert list(rows[0]) == [
-        *["index", "question", "A", "B", "C", "D", "answer", "prediction", "extracted", "hit"],
-        *["split", "category", "l2-category"],
-    ]
     source = read_tsv(lmudata / f"{EASY_VQA_BENCHMARK}.tsv")
-    assert [row["index"] for row in rows] == [row["index"] for row in source]
-    for row in rows:
-        options = {letter: row[letter] for letter in "ABCD" if row[letter]}
-        assert row["extracted"] == (extract_choice(row["prediction"], options) or "")
-        assert row["hit"] == str(int(row["extracted"] == row["answer"]))
+    predictions = read_prediction_file(out / f"{stem}.xlsx")
+    assert list(predictions.columns) == [column for column in source[0] if column != "image"] + ["prediction"]
+    verdicts = read_tsv(out / f"{stem}_verdicts.tsv")
+    assert list(verdicts[0]) == ["index", "GT", "prediction", "extracted", "hit", "split", "category", "l2-category"]
+    assert [row["index"] for row in verdicts] == [row["index"] for row in source]
+    for row, question in zip(verdicts, source):
+        options = {letter: question[letter] for letter in "ABCD" if question[letter]}
+        assert row["extracted"] == (can_infer(row["prediction"], options) or "")
+        assert row["hit"] == str(int((row["extracted"] or "Z") == question["answer"]))
 
-    accuracy = read_tsv(accuracy_file, delimiter=",")
-    assert list(accuracy[0]) == ["split/category", "name", "correct", "total", "accuracy"]
-    overall = accuracy[0]
-    assert (overall["split/category"], overall["name"], overall["total"]) == ("overall", "Overall", "12")
-    assert int(overall["correct"]) == sum(int(row["hit"]) for row in rows)
-    for group in ("split", "category", "l2-category"):
-        group_rows = [row for row in accuracy if row["split/category"] == group]
-        assert sum(int(row["total"]) for row in group_rows) == 12
-        assert sum(int(row["correct"]) for row in group_rows) == int(overall["correct"])
+    (table,) = read_tsv(out / f"{stem}_acc.csv", delimiter=",")
+    hits = [int(row["hit"]) for row in verdicts]
+    assert table["split"] == "test" and float(table["Overall"]) == pytest.approx(sum(hits) / len(hits))
+    assert {row["category"] for row in source} | {row["l2-category"] for row in source} < set(table)
 
     assert json.loads((out / SUMMARY).read_text()) == summary
     easy = summary[EASY_VQA_BENCHMARK]
     assert easy["total"] == 12 and easy["split"] == {"test": easy["overall"]}
+    assert easy["vlmevalkit"][0]["Overall"] == pytest.approx(easy["overall"])
     assert set(easy["category"]) == {row["category"] for row in source}
     assert all(0 <= value <= 1 for group in ("category", "l2-category") for value in easy[group].values())
 
@@ -289,13 +302,17 @@ def test_an_existing_output_folder_is_refused(evaluated, vla_folder):
         evaluate_vqa(vla_folder, [EASY_VQA_BENCHMARK], lmudata, out)
 
 
-def test_vlmevalkit_adapter_answers_through_the_same_code_without_vlmevalkit(vla_folder, tmp_path, variants_tsv):
-    if importlib.util.find_spec("vlmeval") is None:
-        assert VlaflowVLM.__bases__ == (object,) and vlmevalkit.BaseModel is object
-    question = read_benchmark(variants_tsv, limit=1)[0]
+def test_vlmevalkit_adapter_answers_through_the_same_code(vla_folder, tmp_path, variants_tsv):
+    benchmark = read_benchmark(variants_tsv, limit=1)
+    (question,) = benchmark.questions
     image = decode_image(question.images[0])
     image.save(tmp_path / "image.png")
     model = VlaflowVLM(model_path=str(vla_folder), max_new_tokens=4)
     message = [{"type": "image", "value": str(tmp_path / "image.png")}, {"type": "text", "value": mcq_prompt(question)}]
-    expected = answer_batch(model.model, model.processor, [[image]], [mcq_prompt(question)], max_new_tokens=4)
+    expected = answer_messages(model.model, model.processor, [[image, mcq_prompt(question)]], max_new_tokens=4)
     assert model.generate_inner(message, dataset="Variants") == expected[0]
+
+
+def test_vlmevalkit_adapter_defaults_to_the_workflows_stage2_model():
+    assert inspect.signature(VlaflowVLM).parameters["model_path"].default == "results/models/stage2"
+    assert (ROOT / "workflow" / "rules" / "train.smk").read_text().count('result("models/stage2")') == 1

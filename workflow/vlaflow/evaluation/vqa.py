@@ -1,33 +1,37 @@
 """`vlaflow eval vqa`: VLMEvalKit multiple-choice benchmarks (`$LMUData/<NAME>.tsv`) answered
-by the vision-language expert and scored offline as VLMEvalKit's exact matching scores them.
+by the vision-language expert and scored offline exactly as VLMEvalKit scores them
+(`vlaflow.evaluation.exact_matching`).
 
     out/
-      {model}_{NAME}.tsv       one row per question: index, question, [hint], options, answer,
-                               prediction, extracted (the letter read from it, or empty), hit (1/0),
-                               and the row's split, category and l2-category where the TSV has them
-      {model}_{NAME}_acc.csv   split/category, name, correct, total, accuracy: one row overall,
-                               then one per split, category and l2-category
-      vqa_summary.json         {NAME: {"overall", "total", "chance", "split", "category", "l2-category"}};
-                               chance: the accuracy of a random choice among each question's options
+      {model}_{NAME}.xlsx           VLMEvalKit's prediction file: the benchmark's rows without
+                                    images, and a `prediction` column; VLMEvalKit scores it as is
+      {model}_{NAME}_verdicts.tsv   per scored row (per rotated set, for a circular benchmark):
+                                    index, GT, prediction, extracted (the letter read, or empty), hit
+      {model}_{NAME}_acc.csv        VLMEvalKit's table: per split, Overall and each l2-category and
+                                    category (MMBench's abbreviated)
+      vqa_summary.json              {NAME: {"vlmevalkit": the table's rows, "overall", "total",
+                                    "chance", "split", "category", "l2-category"}}: vlaflow's pooled
+                                    figures beside VLMEvalKit's table; chance is the accuracy of a
+                                    random choice among each question's options (every rotation's,
+                                    for a circular set)
 
-`model` is the model folder's name. The prompt is VLMEvalKit's (`ImageMCQDataset.build_prompt`)
-with the images before the text. Like VLMEvalKit, a benchmark whose name contains "MMMU" turns
-an open question (no options) into options A (the answer) and B ("Other Answers"), and counts an
-answer that is not a letter as A.
+`model` is the model folder's name. The benchmark is read as VLMEvalKit reads it (pandas, so an
+all-number option column with gaps shows `4.0` and a "None" cell is `nan`). The prompt is
+VLMEvalKit's (`ImageMCQDataset.build_prompt`): the images, then the text; for a benchmark whose name
+contains "MMMU" the images go where the question's `<image N>` placeholders put them
+(`MMMUDataset.split_MMMU`).
 """
 
 import ast
 import base64
 import binascii
-import csv
 import io
 import json
 import logging
-import string
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import pandas as pd
 import torch
 from PIL import Image
 
@@ -35,160 +39,128 @@ import vlaflow.models  # noqa: F401  (registers the model and processor classes)
 from vlaflow.backbone.folder import load_vla, verify_model_folder
 from vlaflow.data.language import multiple_choice_prompt
 from vlaflow.errors import VlaflowError
+from vlaflow.evaluation import exact_matching
+from vlaflow.evaluation.exact_matching import OPTION_LETTERS, is_circular, is_mmmu
 from vlaflow.fs import atomic_directory
 from vlaflow.models.qwen2_vla.processing_qwen2_vla import load_processor
 
 logger = logging.getLogger(__name__)
 
 SUMMARY = "vqa_summary.json"
-GROUP_COLUMNS = ("split", "category", "l2-category")
 REQUIRED_COLUMNS = ("index", "image", "question", "answer")
+TABLE_COLUMNS = ("split", "category", "l2-category")
 # A shorter `image` cell is the index of the row whose image this row shares.
 IMAGE_REFERENCE_MAX_LENGTH = 64
-OPTION_LETTERS = tuple(string.ascii_uppercase)
-MMMU_OTHER_ANSWERS = "Other Answers"
-# VLMEvalKit reads TSVs with pandas, whose default missing-value strings make a cell absent.
-MISSING_CELLS = frozenset(
-    ["", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN", "<NA>", "N/A", "NA"]
-    + ["NULL", "NaN", "None", "n/a", "nan", "null"]
-)
-# Predictions that VLMEvalKit scores as refusals, whatever else they contain.
-REFUSALS = (
-    "Sorry, I can't help with images of people yet.",
-    "I can't process this file.",
-    "I'm sorry, but without the image provided",
-    "Cannot determine the answer",
-)
-_PUNCTUATION_TO_SPACES = str.maketrans({character: " " for character in ".()[],:;!*#{}"})
+MMMU_IMAGE_PLACEHOLDER = "<image "
 
 
 @dataclass(frozen=True)
 class Question:
-    """One benchmark row: what the model is asked, and what its answer is scored against."""
+    """One benchmark row as VLMEvalKit reads it: cells keep pandas' types (a number stays a number,
+    a missing cell is NaN)."""
 
     index: int
     images: tuple[str, ...]  # base64, shared images resolved
-    question: str
-    hint: str | None
-    options: dict[str, str]  # shown in the prompt
-    choices: dict[str, str]  # scored against: the options, or MMMU's reformulated open question
-    answer: str  # the correct letter among `choices`
-    groups: dict[str, str]  # the row's split, category and l2-category, where it has them
-
-
-@dataclass(frozen=True)
-class Verdict:
-    question: Question
-    prediction: str
-    extracted: str | None
-    hit: bool
-
-
-@dataclass(frozen=True)
-class Accuracy:
-    group: str  # "overall", "split", "category" or "l2-category"
-    name: str
-    correct: int
-    total: int
+    question: object
+    hint: object | None
+    options: dict[str, object]  # shown in the prompt
+    answer: str  # VLMEvalKit's ground truth (for MMMU, a non-letter answer is "A")
 
     @property
-    def accuracy(self) -> float:
-        return self.correct / self.total
+    def choice_count(self) -> int:
+        """The options it is scored among: MMMU scores an open question as A or B."""
+        return len(self.options) or 2
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    name: str
+    rows: pd.DataFrame  # VLMEvalKit's `dataset.data`: the rows as read, images resolved
+    questions: list[Question]
 
 
 # --- reading a benchmark ---
 
 
-def read_benchmark(tsv_path: Path, *, limit: int | None = None) -> list[Question]:
-    """The first `limit` questions (all when None) of a VLMEvalKit multiple-choice TSV, each
-    checked: answer among the options, images decoded once."""
+def read_benchmark(tsv_path: Path, *, limit: int | None = None) -> Benchmark:
+    """The first `limit` rows (all when None) of a VLMEvalKit multiple-choice TSV, as VLMEvalKit's
+    `ImageBaseDataset` reads them, each checked: an integer index, an answer among the options,
+    images that decode."""
     tsv_path = Path(tsv_path)
+    rows = _read_rows(tsv_path)
+    name = tsv_path.stem
+    image_cells = {index: str(cell) for index, cell in zip(rows["index"], rows["image"]) if not pd.isna(cell)}
+    questions = [_question(tsv_path, name, row, image_cells) for _, row in rows.iterrows()]
+    rows = rows.assign(
+        image=[list(question.images) if len(question.images) > 1 else question.images[0] for question in questions]
+    )
+    if limit is not None:
+        rows, questions = rows.iloc[:limit], questions[:limit]
+    _check_images(tsv_path, questions)
+    return Benchmark(name, rows, questions)
+
+
+def _read_rows(tsv_path: Path) -> pd.DataFrame:
     if not tsv_path.is_file():
         raise VlaflowError(f"{tsv_path}: missing; put the benchmark's VLMEvalKit TSV there")
-    header, rows = _read_rows(tsv_path)
-    image_cells = {index: row["image"] for index, row in rows}
-    option_letters = [letter for letter in OPTION_LETTERS if letter in header]
-    mmmu = "MMMU" in tsv_path.stem
-    selected = rows if limit is None else rows[:limit]
-    questions = [_question(tsv_path, index, row, image_cells, option_letters, mmmu=mmmu) for index, row in selected]
-    _check_images(tsv_path, questions)
-    return questions
-
-
-def _read_rows(tsv_path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
-    csv.field_size_limit(sys.maxsize)  # real benchmarks hold megabytes of base64 in one cell
     try:
-        with open(tsv_path, encoding="utf-8", newline="") as tsv:
-            header, rows = _parse_rows(tsv_path, csv.reader(tsv, delimiter="\t"))
+        rows = pd.read_csv(tsv_path, sep="\t")
     except UnicodeDecodeError as error:
         raise VlaflowError(f"{tsv_path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
-    if not rows:
-        raise VlaflowError(f"{tsv_path}: no questions")
-    return header, rows
-
-
-def _parse_rows(tsv_path: Path, reader) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
-    header = next(reader, None) or []
-    missing = [column for column in REQUIRED_COLUMNS if column not in header]
+    except pd.errors.EmptyDataError:
+        raise VlaflowError(f"{tsv_path}: no questions") from None
+    except pd.errors.ParserError as error:
+        raise VlaflowError(f"{tsv_path}: {' '.join(str(error).split())}") from None
+    missing = [column for column in REQUIRED_COLUMNS if column not in rows.columns]
     if missing:
         raise VlaflowError(
             f"{tsv_path}: no column {missing[0]!r} in the header (a VLMEvalKit TSV has {REQUIRED_COLUMNS})"
         )
-    rows, seen = [], set()
-    for cells in reader:
-        if not cells:
-            continue
-        where = f"{tsv_path}: line {reader.line_num}"
-        if len(cells) != len(header):
-            raise VlaflowError(f"{where}: {len(cells)} fields, the header has {len(header)}")
-        row = dict(zip(header, cells))
+    if rows.empty:
+        raise VlaflowError(f"{tsv_path}: no questions")
+    indices = []
+    for position, cell in enumerate(rows["index"]):
         try:
-            index = int(row["index"])
+            index = int(str(cell))
         except ValueError:
-            raise VlaflowError(f"{where}: index: {row['index']!r} is not an integer") from None
-        if index in seen:
-            raise VlaflowError(f"{where}: index: {index} appears twice")
-        seen.add(index)
-        rows.append((index, row))
-    return header, rows
+            raise VlaflowError(f"{tsv_path}: line {position + 2}: index: {cell!r} is not an integer") from None
+        if index in indices:
+            raise VlaflowError(f"{tsv_path}: line {position + 2}: index: {index} appears twice")
+        indices.append(index)
+    for group in TABLE_COLUMNS:
+        missing = [index for index, cell in zip(indices, rows[group]) if pd.isna(cell)] if group in rows else []
+        if missing:
+            raise VlaflowError(
+                f"{tsv_path}: row index {missing[0]}: {group}: empty (VLMEvalKit's table needs a value in every row)"
+            )
+    return rows.assign(index=indices)
 
 
-def _question(
-    tsv_path: Path, index: int, row: dict, image_cells: dict, option_letters: list[str], *, mmmu: bool
-) -> Question:
+def _question(tsv_path: Path, name: str, row: pd.Series, image_cells: dict) -> Question:
+    index = row["index"]
+
     def error(field: str, problem: str) -> VlaflowError:
         return VlaflowError(f"{tsv_path}: row index {index}: {field}: {problem}")
 
-    options = {letter: row[letter] for letter in option_letters if _present(row[letter])}
-    choices, answer = dict(options), row["answer"].strip()
-    if not answer:
+    options = {letter: row[letter] for letter in OPTION_LETTERS if letter in row and not pd.isna(row[letter])}
+    answer = row["answer"]
+    if pd.isna(answer):
         raise error("answer", "empty")
-    if mmmu:
-        if "A" not in options:
-            choices.update(A=row["answer"], B=MMMU_OTHER_ANSWERS)
-        if answer not in OPTION_LETTERS:
-            answer = "A"
+    if is_mmmu(name) and not is_circular(name):
+        answer = answer if answer in OPTION_LETTERS else "A"
+        choices = options or {"A": row["answer"], "B": exact_matching.MMMU_OTHER_ANSWERS}
+    else:
+        choices = options
     if answer not in choices:
         raise error("answer", f"{row['answer']!r} is not the letter of one of the options {sorted(choices)}")
-    return Question(
-        index=index,
-        images=_images(row["image"], image_cells, error),
-        question=row["question"],
-        hint=row["hint"] if _present(row.get("hint", "")) else None,
-        options=options,
-        choices=choices,
-        answer=answer,
-        groups={column: row[column] for column in GROUP_COLUMNS if _present(row.get(column, ""))},
-    )
+    hint = row["hint"] if "hint" in row and not pd.isna(row["hint"]) else None
+    return Question(index, _images(row["image"], image_cells, error), row["question"], hint, options, answer)
 
 
-def _present(cell: str) -> bool:
-    return cell not in MISSING_CELLS
-
-
-def _images(cell: str, image_cells: dict, error) -> tuple[str, ...]:
-    if not cell:
+def _images(cell, image_cells: dict, error) -> tuple[str, ...]:
+    if pd.isna(cell):
         raise error("image", "empty")
+    cell = str(cell)
     if len(cell) <= IMAGE_REFERENCE_MAX_LENGTH:
         try:
             shared = image_cells.get(int(cell), "")
@@ -230,71 +202,38 @@ def decode_image(image: str) -> Image.Image:
     return Image.open(io.BytesIO(base64.b64decode(image))).convert("RGB")
 
 
-# --- prompting and scoring ---
+# --- prompting ---
 
 
 def mcq_prompt(question: Question) -> str:
+    """VLMEvalKit's multiple-choice prompt text; cells print as VLMEvalKit prints them (`4.0`, `nan`)."""
     return multiple_choice_prompt(question.question, question.options, question.hint)
 
 
-def extract_choice(prediction: str, options: dict[str, str]) -> str | None:
-    """The option letter VLMEvalKit's exact matching (`can_infer`) reads from a prediction, or
-    None when it reads none (the item is then wrong)."""
-    prediction = prediction.strip()
-    if any(refusal in prediction for refusal in REFUSALS):
-        return None
-    words = prediction.translate(_PUNCTUATION_TO_SPACES).split()
-    letters = [letter for letter in options if letter in words]
-    # VLMEvalKit's window: the letter's first occurrence is past len(words) - 5, one of the last four words
-    if len(letters) == 1 and words.index(letters[0]) > len(words) - 5:
-        return letters[0]
-    if not letters and "Z" in words:  # VLMEvalKit's "none of the options"
-        return None
-    return _option_restated(prediction, options)
+def prompt_message(benchmark: str, question: Question) -> list[dict]:
+    """VLMEvalKit's message for a question: `{"type": "image", "value": base64}` parts and
+    `{"type": "text", "value": text}` parts, in VLMEvalKit's order."""
+    message = [{"type": "image", "value": image} for image in question.images]
+    message.append({"type": "text", "value": mcq_prompt(question)})
+    return _interleave_mmmu(question, message) if is_mmmu(benchmark) else message
 
 
-def _option_restated(prediction: str, options: dict[str, str]) -> str | None:
-    lowered = prediction.lower()
-    # VLMEvalKit does not look for options in a prediction this long
-    if len(lowered) > 2 * sum(len(text) for text in options.values()):
-        return None
-    restated = [letter for letter, text in options.items() if text.lower() in lowered]
-    return restated[0] if len(restated) == 1 else None
-
-
-def score(questions: list[Question], predictions: list[str]) -> list[Verdict]:
-    verdicts = []
-    for question, prediction in zip(questions, predictions, strict=True):
-        extracted = extract_choice(prediction, question.choices)
-        verdicts.append(Verdict(question, prediction, extracted, extracted == question.answer))
-    return verdicts
-
-
-def accuracy_table(verdicts: list[Verdict]) -> list[Accuracy]:
-    """Overall, then per split, category and l2-category (each by name)."""
-    table = [Accuracy("overall", "Overall", sum(verdict.hit for verdict in verdicts), len(verdicts))]
-    for group in GROUP_COLUMNS:
-        counts: dict[str, list[int]] = {}
-        for verdict in verdicts:
-            if group in verdict.question.groups:
-                tally = counts.setdefault(verdict.question.groups[group], [0, 0])
-                tally[0] += verdict.hit
-                tally[1] += 1
-        table += [Accuracy(group, name, correct, total) for name, (correct, total) in sorted(counts.items())]
-    return table
-
-
-def chance_accuracy(questions: list[Question]) -> float:
-    """The expected accuracy of answering every question with a random one of its choices."""
-    return sum(1 / len(question.choices) for question in questions) / len(questions)
-
-
-def benchmark_summary(table: list[Accuracy], questions: list[Question]) -> dict:
-    overall = table[0]
-    summary = {"overall": overall.accuracy, "total": overall.total, "chance": chance_accuracy(questions)}
-    for group in GROUP_COLUMNS:
-        summary[group] = {row.name: row.accuracy for row in table if row.group == group}
-    return summary
+def _interleave_mmmu(question: Question, message: list[dict]) -> list[dict]:
+    """`MMMUDataset.split_MMMU`: the text cut at each `<image N>`, image N put there (N is one digit)."""
+    images, text = question.images, message[-1]["value"]
+    segments = text.split(MMMU_IMAGE_PLACEHOLDER)
+    if len(segments) == 1:
+        return message
+    parts = [{"type": "text", "value": segments[0]}]
+    for segment in segments[1:]:
+        if not (segment[:1].isdigit() and segment[1:2] == ">" and 1 <= int(segment[0]) <= len(images)):
+            raise VlaflowError(
+                f"row index {question.index}: question: {MMMU_IMAGE_PLACEHOLDER}{segment[:3]!r} names no image "
+                f"of its {len(images)} (MMMU's placeholders are <image 1> to <image 9>)"
+            )
+        parts.append({"type": "image", "value": images[int(segment[0]) - 1]})
+        parts.append({"type": "text", "value": segment[2:]})
+    return parts
 
 
 # --- answering ---
@@ -313,26 +252,26 @@ def load_vl_model(model_dir: Path):
 
 
 @torch.no_grad()
-def answer_batch(
-    model, processor, images: list[list[Image.Image]], prompts: list[str], max_new_tokens: int
-) -> list[str]:
-    """Greedy answers of the vision-language expert to single-turn prompts, images before the text."""
-    inputs = processor.generation_inputs(images, prompts).to(model.device)
+def answer_messages(model, processor, messages: list[list], max_new_tokens: int) -> list[str]:
+    """Greedy answers of the vision-language expert to single-turn messages, each a list of
+    images (PIL) and texts in the order the model sees them."""
+    inputs = processor.interleaved_inputs(messages).to(model.device)
     new_tokens = model.answer(**inputs, max_new_tokens=max_new_tokens)
     return processor.batch_decode(new_tokens, skip_special_tokens=True)
 
 
-def answer_benchmark(
-    model, processor, name: str, questions: list[Question], *, batch_size: int, max_new_tokens: int
-) -> list[str]:
-    predictions = []
+def answer_benchmark(model, processor, benchmark: Benchmark, *, batch_size: int, max_new_tokens: int) -> list[str]:
+    predictions, questions = [], benchmark.questions
     for start in range(0, len(questions), batch_size):
-        batch = questions[start : start + batch_size]
-        images = [[decode_image(image) for image in question.images] for question in batch]
-        predictions += answer_batch(
-            model, processor, images, [mcq_prompt(question) for question in batch], max_new_tokens
-        )
-        logger.info("%s: %d of %d questions answered", name, len(predictions), len(questions))
+        messages = [
+            [
+                decode_image(part["value"]) if part["type"] == "image" else part["value"]
+                for part in prompt_message(benchmark.name, question)
+            ]
+            for question in questions[start : start + batch_size]
+        ]
+        predictions += answer_messages(model, processor, messages, max_new_tokens)
+        logger.info("%s: %d of %d questions answered", benchmark.name, len(predictions), len(questions))
     return predictions
 
 
@@ -360,54 +299,58 @@ def evaluate_vqa(
     model_name = model_dir.resolve().name
     summary = {}
     with atomic_directory(Path(out)) as staging:
-        questions = {
-            name: read_benchmark(Path(lmudata) / f"{name}.tsv", limit=limit) for name in dict.fromkeys(benchmarks)
-        }
+        read = [read_benchmark(Path(lmudata) / f"{name}.tsv", limit=limit) for name in dict.fromkeys(benchmarks)]
         model, processor = load_vl_model(model_dir)
-        for name, benchmark in questions.items():
+        for benchmark in read:
             predictions = answer_benchmark(
-                model, processor, name, benchmark, batch_size=batch_size, max_new_tokens=max_new_tokens
+                model, processor, benchmark, batch_size=batch_size, max_new_tokens=max_new_tokens
             )
-            verdicts = score(benchmark, predictions)
-            table = accuracy_table(verdicts)
-            write_predictions(staging / f"{model_name}_{name}.tsv", verdicts)
-            write_accuracy(staging / f"{model_name}_{name}_acc.csv", table)
-            summary[name] = benchmark_summary(table, benchmark)
-            logger.info("%s: accuracy %.4f over %d questions", name, summary[name]["overall"], table[0].total)
+            stem = staging / f"{model_name}_{benchmark.name}"
+            scored = score_benchmark(benchmark, predictions, stem.with_name(stem.name + ".xlsx"))
+            write_verdicts(stem.with_name(stem.name + "_verdicts.tsv"), scored.rows)
+            exact_matching.write_accuracy_table(stem.with_name(stem.name + "_acc.csv"), scored.table)
+            summary[benchmark.name] = benchmark_summary(benchmark, scored)
+            logger.info(
+                "%s: accuracy %.4f over %d questions",
+                benchmark.name,
+                summary[benchmark.name]["overall"],
+                summary[benchmark.name]["total"],
+            )
         (staging / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     return summary
 
 
-def write_predictions(path: Path, verdicts: list[Verdict]) -> None:
-    questions = [verdict.question for verdict in verdicts]
-    with_hint = any(question.hint is not None for question in questions)
-    letters = sorted({letter for question in questions for letter in question.choices})
-    groups = [group for group in GROUP_COLUMNS if any(group in question.groups for question in questions)]
-    with open(path, "w", encoding="utf-8", newline="") as tsv:
-        writer = csv.writer(tsv, delimiter="\t", lineterminator="\n")
-        writer.writerow(
-            ["index", "question", *["hint"] * with_hint, *letters, "answer", "prediction", "extracted", "hit", *groups]
-        )
-        for verdict in verdicts:
-            question = verdict.question
-            writer.writerow(
-                [
-                    question.index,
-                    question.question,
-                    *[question.hint or ""] * with_hint,
-                    *[question.choices.get(letter, "") for letter in letters],
-                    question.answer,
-                    verdict.prediction,
-                    verdict.extracted or "",
-                    int(verdict.hit),
-                    *[question.groups.get(group, "") for group in groups],
-                ]
-            )
+def score_benchmark(benchmark: Benchmark, predictions: list[str], prediction_file: Path) -> exact_matching.Scored:
+    """Write VLMEvalKit's prediction file and score what VLMEvalKit reads back from it."""
+    exact_matching.write_prediction_file(prediction_file, benchmark.rows, predictions)
+    read_back = exact_matching.read_prediction_file(prediction_file)
+    return exact_matching.score_predictions(read_back, benchmark.rows, benchmark.name)
 
 
-def write_accuracy(path: Path, table: list[Accuracy]) -> None:
-    with open(path, "w", encoding="utf-8", newline="") as out:
-        writer = csv.writer(out, lineterminator="\n")
-        writer.writerow(["split/category", "name", "correct", "total", "accuracy"])
-        for row in table:
-            writer.writerow([row.group, row.name, row.correct, row.total, f"{row.accuracy:.4f}"])
+def chance_accuracy(benchmark: Benchmark) -> float:
+    """The expected accuracy of answering every question with a random one of its choices; a
+    circular benchmark's rotated set counts only if every rotation is guessed right."""
+    if not is_circular(benchmark.name):
+        return sum(1 / question.choice_count for question in benchmark.questions) / len(benchmark.questions)
+    rows = benchmark.rows
+    groups = (
+        rows["g_index"]
+        if "g_index" in rows
+        else [int(index % exact_matching.CIRCULAR_GROUP_OFFSET) for index in rows["index"]]
+    )
+    odds = {}
+    for group, question in zip(groups, benchmark.questions):
+        odds[group] = odds.get(group, 1.0) / question.choice_count
+    main = [question.index for question in benchmark.questions if question.index in odds]
+    return sum(odds[index] for index in main) / len(main)
+
+
+def benchmark_summary(benchmark: Benchmark, scored: exact_matching.Scored) -> dict:
+    table = [{name: None if pd.isna(value) else value for name, value in row.items()} for row in scored.table]
+    return {**exact_matching.pooled_accuracy(scored.rows), "chance": chance_accuracy(benchmark), "vlmevalkit": table}
+
+
+def write_verdicts(path: Path, scored: pd.DataFrame) -> None:
+    columns = ["index", "GT", "prediction", "extracted", "hit"]
+    columns += [group for group in ("split", "category", "l2-category") if group in scored]
+    scored[columns].to_csv(path, sep="\t", index=False)

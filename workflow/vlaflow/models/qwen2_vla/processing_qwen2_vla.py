@@ -30,11 +30,20 @@ class Qwen2VLAProcessor(Qwen2VLProcessor):
     def generation_inputs(self, images: list[list], texts: list[str]):
         """Left-padded model inputs for a batch of single-turn user prompts, each with its images
         placed before the text, ending with the assistant's turn."""
-        prompts = [
-            self.apply_chat_template([user_message(text, len(sample_images))], add_generation_prompt=True)
-            for sample_images, text in zip(images, texts, strict=True)
-        ]
-        flat_images = [image for sample_images in images for image in sample_images]
+        return self.interleaved_inputs(
+            [[*sample_images, text] for sample_images, text in zip(images, texts, strict=True)]
+        )
+
+    def interleaved_inputs(self, messages: list[list]):
+        """Left-padded model inputs for a batch of single-turn user messages, each a list of images
+        (PIL) and texts in the order the model sees them, ending with the assistant's turn."""
+        prompts, flat_images = [], []
+        for message in messages:
+            content = [
+                {"type": "text", "text": part} if isinstance(part, str) else {"type": "image"} for part in message
+            ]
+            prompts.append(self.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True))
+            flat_images += [part for part in message if not isinstance(part, str)]
         return self(text=prompts, images=flat_images or None, padding=True, padding_side="left", return_tensors="pt")
 
 
