@@ -122,6 +122,27 @@ def test_showcase_is_the_default_trained_longer_in_folders_of_its_own():
     assert showcase["evaluation"]["robot"]["episodes"] > shipped["evaluation"]["robot"]["episodes"]
 
 
+def test_the_insertion_showcase_trains_and_evaluates_every_robot_arm_on_insertion():
+    """`--configfile config/config.yaml config/showcase.yaml config/showcase_insertion.yaml`."""
+    merged = yaml.safe_load(SHIPPED.read_text())
+    for name in ("showcase.yaml", "showcase_insertion.yaml"):
+        update_config(merged, yaml.safe_load(SHIPPED.with_name(name).read_text()))
+    insertion = validate_config(merged, source="showcase_insertion")
+    showcase = load_config(SHIPPED)
+    update_config(showcase, yaml.safe_load(SHIPPED.with_name("showcase.yaml").read_text()))
+    demos = insertion["embedded"]["aloha_demos"]
+    assert (demos["task"], demos["dataset"], demos["episodes"]) == ("insertion", "aloha_sim_insertion", 30)
+    registry = yaml.safe_load((SHIPPED.parent / "datasets.yaml").read_text())
+    assert registry[demos["dataset"]]["kind"] == "robot"
+    robot_stages = [name for name, row in insertion["stages"].items() if row.get("robot")]
+    assert robot_stages == ["baseline", "stage1", "stage2"]
+    assert all(insertion["stages"][name]["robot"] == ["aloha_sim_insertion"] for name in robot_stages)
+    assert insertion["stages"]["stage2"]["mix"] == showcase["stages"]["stage2"]["mix"]  # only the robot data changes
+    for key in ("results",):
+        assert insertion[key] != showcase[key]
+    assert insertion["data"]["root"] != showcase["data"]["root"]
+
+
 def test_published_recipe_is_valid_and_names_the_gpu_environment():
     config = load_config(SHIPPED.with_name("chatvla_2b.yaml"))
     assert config["model"]["backbone"].startswith("hf:Qwen/Qwen2-VL-2B-Instruct@")

@@ -14,9 +14,7 @@ import yaml
 from PIL import Image
 
 from tests.conftest import random_image
-from tests.data_factory import data_stage
-from tests.training_helpers import training_config
-from vlaflow.backbone.vla_config import make_vla_folder
+from tests.training_helpers import ALOHA_HEAD, train_on_sim_demos
 from vlaflow.data.episode_format import ACTION, QPOS
 from vlaflow.data.language import TRANSFER_CUBE_INSTRUCTION
 from vlaflow.data.stats import NormStats
@@ -39,28 +37,14 @@ from vlaflow.training.run import train
 
 DEMO_SIZE = (48, 64)  # (height, width) the demos are rendered at
 IMAGE_SIZE = [32, 40]  # what the model sees
-ALOHA = dict(action_dim=14, state_dim=14, chunk_size=10)
+ALOHA = ALOHA_HEAD
 
 
 @pytest.fixture(scope="module")
 def trained_model(tiny_backbone, mlp_weights, tmp_path_factory):
     root = tmp_path_factory.mktemp("eval_robot")
-    data = root / "data"
-    record_demos(data / "cube", 2, height=DEMO_SIZE[0], width=DEMO_SIZE[1], shadows=False, workers=2)
-    registry = {"cube": {"kind": "robot", "path": "cube", "cameras": ["top"], "splits": {"val": ["episode_0001.hdf5"]}}}
-    (data / "datasets.yaml").write_text(yaml.safe_dump(registry))
-    config_path = training_config(
-        root / "config.yaml",
-        data,
-        training={"max_steps": 5, "save_steps": 5},
-        stages={"stage1": data_stage(robot=["cube"], freeze=["vl_expert"])},
-    )
-    config = yaml.safe_load(config_path.read_text())
-    config["model"] = ALOHA
-    config["data"].update(cameras=["top"], image_size=IMAGE_SIZE, relative_actions=True)
-    config_path.write_text(yaml.safe_dump(config))
-    vla = make_vla_folder(tiny_backbone, root / "vla", policy_head=ALOHA)
-    return train(config_path, "stage1", vla, root / "work", root / "model", mlp_weights=mlp_weights)
+    record_demos(root / "data" / "cube", 2, height=DEMO_SIZE[0], width=DEMO_SIZE[1], shadows=False, workers=2)
+    return train_on_sim_demos(root, "cube", tiny_backbone, mlp_weights, image_size=IMAGE_SIZE)
 
 
 def assert_errors_well_formed(result: dict) -> None:

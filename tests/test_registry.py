@@ -114,5 +114,5 @@ def test_shipped_registry_has_the_source_documents_datasets_in_their_conventiona
     assert coco.images == tmp_path / "LLaVA-OneVision-COCO/images"
     llava = registry.entries["llava_v1_5_mix665k"]
     assert llava.annotation == tmp_path / "llava_v1_5_mix665k/llava_v1_5_mix665k.json"
-    assert registry.names("robot") == ["aloha_sim_transfer_cube"]
+    assert registry.names("robot") == ["aloha_sim_insertion", "aloha_sim_transfer_cube"]
     assert set(registry.names("vl")) == {"easy_vqa", "sharegpt4v_coco", "llava_v1_5_mix665k"}

@@ -9,9 +9,16 @@ from vlaflow.data.language import TRANSFER_CUBE_INSTRUCTION, TRANSFER_CUBE_REASO
 from vlaflow.data.robot_dataset import RobotEpisodeDataset
 from vlaflow.data.samples import RobotSpec
 from vlaflow.data.stats import compute_stats
-from vlaflow.sim.aloha import EPISODE_LENGTH, MAX_REWARD, TransferCubeSim
+from vlaflow.sim.aloha import EPISODE_LENGTH, MAX_REWARD, AlohaSim
+from vlaflow.sim.tasks import SIM_TASKS
 from vlaflow.sim.demos import SUMMARY_FILE, record_demos
-from vlaflow.sim.scripted import PHASES, axis_angle_quaternion, phase, pick_and_transfer_actions, quaternion_multiply
+from vlaflow.sim.scripted import (
+    TRANSFER_CUBE_PHASES,
+    axis_angle_quaternion,
+    phase,
+    pick_and_transfer_actions,
+    quaternion_multiply,
+)
 
 HEIGHT, WIDTH = 48, 64
 LEFT_INIT = np.array([-0.31718881, 0.5, 0.29525084, 1, 0, 0, 0])
@@ -20,7 +27,7 @@ BOX_XYZ = np.array([0.1, 0.5, 0.05])
 
 
 def test_phases_are_the_reasoning_keys_in_order():
-    assert [name for name, _ in PHASES] == list(TRANSFER_CUBE_REASONING)
+    assert [name for name, _ in TRANSFER_CUBE_PHASES] == list(TRANSFER_CUBE_REASONING)
     assert [phase(step) for step in (0, 89, 90, 129, 130, 169, 170, 219, 220, 259, 260, 309, 310, 399)] == [
         "approach", "approach", "descend", "descend", "grasp", "grasp", "lift",
         "lift", "meet", "meet", "handover", "handover", "retreat", "retreat",
@@ -87,7 +94,7 @@ def test_recorded_actions_succeed_again_in_a_fresh_simulator(demos):
     with h5py.File(report.paths[1]) as file:
         actions = file[episode_format.ACTION][()]
         qpos = file[episode_format.QPOS][()]
-    sim = TransferCubeSim(HEIGHT, WIDTH)
+    sim = AlohaSim(SIM_TASKS["transfer_cube"], HEIGHT, WIDTH)
     state = sim.reset(seed=1)
     np.testing.assert_allclose(state.qpos, qpos[0], atol=1e-6)
     assert max(sim.step(action)[1] for action in actions) == MAX_REWARD
@@ -95,7 +102,9 @@ def test_recorded_actions_succeed_again_in_a_fresh_simulator(demos):
 
 @pytest.mark.slow
 def test_frames_are_rendered_on_demand_with_or_without_shadows():
-    shaded, flat = TransferCubeSim(HEIGHT, WIDTH), TransferCubeSim(HEIGHT, WIDTH, shadows=False)
+    shaded, flat = AlohaSim(SIM_TASKS["transfer_cube"], HEIGHT, WIDTH), AlohaSim(
+        SIM_TASKS["transfer_cube"], HEIGHT, WIDTH, shadows=False
+    )
     for sim in (shaded, flat):
         sim.reset(seed=0)
     first = shaded.render()

@@ -11,7 +11,7 @@ from pathlib import Path
 import yaml
 
 from tests.conftest import ACTION_DIM, CHUNK_SIZE, STATE_DIM
-from tests.data_factory import make_data_root, recipe_stages
+from tests.data_factory import data_stage, make_data_root, recipe_stages
 
 REPO = Path(__file__).parents[1]
 
@@ -44,11 +44,37 @@ def training_config(path: Path, root: Path, *, training: dict | None = None, sta
             "num_workers": 0,
             **(training or {}),
         },
-        "stages": stages
-        or recipe_stages(mix={"vl_batch_fraction": 0.5}),
+        "stages": stages or recipe_stages(mix={"vl_batch_fraction": 0.5}),
     }
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+ALOHA_HEAD = dict(action_dim=14, state_dim=14, chunk_size=10)
+
+
+def train_on_sim_demos(root: Path, dataset: str, backbone: Path, mlp_weights: Path, image_size=(32, 40)) -> Path:
+    """Stage 1, 5 steps, of the tiny model with ALOHA's dimensions on recorded simulator demos in
+    `root/data/<dataset>` (their second episode held out as `val`); the trained model folder."""
+    from vlaflow.backbone.vla_config import make_vla_folder
+    from vlaflow.training.run import train
+
+    data = root / "data"
+    split = {"val": ["episode_0001.hdf5"]}
+    registry = {dataset: {"kind": "robot", "path": dataset, "cameras": ["top"], "splits": split}}
+    (data / "datasets.yaml").write_text(yaml.safe_dump(registry))
+    config_path = training_config(
+        root / "config.yaml",
+        data,
+        training={"max_steps": 5, "save_steps": 5},
+        stages={"stage1": data_stage(robot=[dataset], freeze=["vl_expert"])},
+    )
+    config = yaml.safe_load(config_path.read_text())
+    config["model"] = ALOHA_HEAD
+    config["data"].update(cameras=["top"], image_size=list(image_size), relative_actions=True)
+    config_path.write_text(yaml.safe_dump(config))
+    vla = make_vla_folder(backbone, root / "vla", policy_head=ALOHA_HEAD)
+    return train(config_path, "stage1", vla, root / "work", root / "model", mlp_weights=mlp_weights)
 
 
 def losses(metrics: Path, key: str = "loss") -> dict[int, float]:

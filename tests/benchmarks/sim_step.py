@@ -1,4 +1,4 @@
-"""Milliseconds per closed-loop step of the transfer-cube simulator, by what gets rendered.
+"""Milliseconds per closed-loop step of a simulator task (transfer cube by default), by what gets rendered.
 
 The stock task renders on every step; the closed loop needs a frame only when the policy is
 queried (every chunk_size-th step without temporal ensembling), and shadows are most of a frame's
@@ -7,7 +7,7 @@ alternating rounds, measured side by side in one run; ratios are against renderi
 with shadows.
 
     python -m tests.benchmarks.sim_step
-    python -m tests.benchmarks.sim_step --height 240 --width 320 --steps 200 --rounds 5
+    python -m tests.benchmarks.sim_step --height 240 --width 320 --steps 200 --rounds 5 --task insertion
 """
 
 import argparse
@@ -16,7 +16,8 @@ import time
 
 import numpy as np
 
-from vlaflow.sim.aloha import TransferCubeSim
+from vlaflow.sim.aloha import AlohaSim
+from vlaflow.sim.tasks import SIM_TASKS, sim_task
 
 # (label, shadows, render every n-th step; 0: never)
 VARIANTS = [
@@ -28,7 +29,7 @@ VARIANTS = [
 ]
 
 
-def time_episode(sim: TransferCubeSim, actions: np.ndarray, render_every: int) -> float:
+def time_episode(sim: AlohaSim, actions: np.ndarray, render_every: int) -> float:
     sim.reset(seed=0)
     started = time.perf_counter()
     for step, action in enumerate(actions):
@@ -44,9 +45,11 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=128)
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--task", choices=sorted(SIM_TASKS), default="transfer_cube")
     args = parser.parse_args()
 
-    sims = {label: TransferCubeSim(args.height, args.width, shadows=shadows) for label, shadows, _ in VARIANTS}
+    task = sim_task(args.task)
+    sims = {label: AlohaSim(task, args.height, args.width, shadows=shadows) for label, shadows, _ in VARIANTS}
     start = next(iter(sims.values())).reset(seed=0).qpos
     # a slow sweep of the joints, so the arms move in view
     actions = start + np.linspace(0, 0.3, args.steps)[:, None] * np.sign(np.arange(14) % 3 - 1)

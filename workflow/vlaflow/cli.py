@@ -90,6 +90,7 @@ def _data_aloha_demos(args) -> None:
         shadows=args.shadows,
         workers=args.workers,
         compress=args.compress,
+        task=args.task,
     )
 
 
@@ -134,6 +135,7 @@ def _eval_robot(args) -> None:
             temporal_ensemble=args.temporal_ensemble,
             query_every=args.query_every,
             video_size=tuple(args.video_size),
+            task=args.task,
         )
 
 
@@ -217,7 +219,7 @@ def _add_data_commands(commands) -> None:
     easy_vqa.add_argument("--seed", type=int, default=0)
     easy_vqa.set_defaults(run=_data_easy_vqa)
 
-    demos = data_commands.add_parser("aloha-demos", help="scripted transfer-cube demonstrations in the ALOHA simulator")
+    demos = data_commands.add_parser("aloha-demos", help="scripted demonstrations of a task in the ALOHA simulator")
     demos.add_argument("out", type=Path, help="folder for the HDF5 episodes")
     demos.add_argument("--episodes", type=positive_int, required=True, help="successful episodes to write")
     demos.add_argument("--height", type=positive_int, default=240)
@@ -234,6 +236,7 @@ def _add_data_commands(commands) -> None:
     )
     demos.add_argument("--compress", action="store_true", help="store frames as JPEG")
     demos.add_argument("--seed", type=int, default=0, help="first seed; episode i uses the i-th seed tried")
+    demos.add_argument("--task", help="the simulator task (vlaflow.sim.tasks; default: transfer_cube)")
     demos.set_defaults(run=_data_aloha_demos)
 
 
@@ -327,6 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar=("HEIGHT", "WIDTH"),
         help="size of the first rollout's video, rollout.gif",
     )
+    robot.add_argument("--task", help="simulator task (default: the one the training demonstrations show)")
     robot.set_defaults(run=_eval_robot)
 
     report = commands.add_parser("report", help="one page on a run: losses, evaluations, the forgetting table")

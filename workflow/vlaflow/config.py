@@ -72,7 +72,22 @@ def check_rules(config: dict, source: str = "config") -> dict[str, Stage]:
             f"{source}: data.relative_actions: actions relative to the state need model.action_dim "
             f"({model['action_dim']}) equal to model.state_dim ({model['state_dim']})"
         )
+    _check_sim_task(config, source)
     return stage_table(config, source)
+
+
+def _check_sim_task(config: dict, source: str) -> None:
+    demos = config["embedded"].get("aloha_demos")
+    if not demos:
+        return
+    try:
+        from vlaflow.sim.tasks import SIM_TASKS
+    except ImportError:  # without the simulator extra the demonstrations cannot be recorded at all
+        return
+    if demos["task"] not in SIM_TASKS:
+        raise ConfigError(
+            f"{source}: embedded.aloha_demos.task: {demos['task']!r} is not a simulator task ({', '.join(SIM_TASKS)})"
+        )
 
 
 def stage_settings(config: dict, stage: str) -> dict:

@@ -19,6 +19,18 @@ TRANSFER_CUBE_REASONING = {
     "retreat": "Move the right gripper away; the left arm holds the cube.",
 }
 
+INSERTION_INSTRUCTION = "Pick up the peg with the right arm and the socket with the left arm, and insert the peg."
+
+# Scripted phases of the insertion demonstration (vlaflow.sim.scripted.INSERTION_PHASES).
+INSERTION_REASONING = {
+    "approach": "Move the grippers above the peg and the socket.",
+    "descend": "Lower the grippers around the peg and the socket.",
+    "grasp": "Close both grippers on the peg and the socket.",
+    "lift": "Lift the peg and the socket and bring them together.",
+    "align": "Line the peg up with the socket.",
+    "insert": "Push the peg into the socket.",
+}
+
 NEXT_ACTION_MARKER = "Next action:"
 
 MULTIPLE_CHOICE_INSTRUCTION = "Please select the correct answer from the options above."

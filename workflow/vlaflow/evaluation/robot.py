@@ -1,8 +1,9 @@
 """Robot evaluation of a trained model folder.
 
 Open loop: the action chunk predicted for every time step of held-out episodes (a registry split)
-against the recorded one, in the robot's units. Closed loop: seeded transfer-cube episodes in the
-simulator, the policy in control; an episode succeeds when its maximum reward reaches 4.
+against the recorded one, in the robot's units. Closed loop: seeded episodes in the
+simulator, the policy in control, on the task its training data shows (`vlaflow.sim.tasks`); an
+episode succeeds when its maximum reward reaches 4.
 Both write their results into `out_dir` beside each other, each file written atomically.
 """
 
@@ -16,14 +17,14 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import ConcatDataset
 
-from vlaflow.data.language import TRANSFER_CUBE_INSTRUCTION
 from vlaflow.data.robot_dataset import RobotEpisodeDataset, inspect_episode
 from vlaflow.data.stage_data import robot_spec
 from vlaflow.errors import VlaflowError
 from vlaflow.evaluation.policy import Policy, robot_datasets
 from vlaflow.fs import atomic_file, check_destination
-from vlaflow.sim.aloha import DT, EPISODE_LENGTH, MAX_REWARD, TransferCubeSim
+from vlaflow.sim.aloha import DT, EPISODE_LENGTH, MAX_REWARD, AlohaSim
 from vlaflow.sim.demos import SUMMARY_FILE
+from vlaflow.sim.tasks import DEFAULT_TASK, SimTask, sim_task
 
 OPEN_LOOP_FILE = "open_loop.json"
 CLOSED_LOOP_FILE = "closed_loop.json"
@@ -163,18 +164,21 @@ class TemporalEnsemble:
 
 @dataclass(frozen=True)
 class SimulationSetup:
+    task: SimTask
     camera: str
     render_size: tuple[int, int]  # (height, width)
     shadows: bool
     instruction: str
 
 
-def simulation_setup(policy: Policy, render_size: tuple[int, int] | None = None) -> SimulationSetup:
-    """The camera, rendering and instruction of the demonstrations the model learnt from: the
-    camera its training dataset maps to the model's input, the size and shadows its recorder
-    rendered with (`demos.json`; else the model's image size, with shadows as the stock
-    simulator), the instruction of its first episode. Without that dataset at hand: the config's
-    camera and the transfer-cube instruction."""
+def simulation_setup(
+    policy: Policy, render_size: tuple[int, int] | None = None, task: str | None = None
+) -> SimulationSetup:
+    """The task, camera, rendering and instruction of the demonstrations the model learnt from:
+    the task and the size and shadows its recorder rendered with (`demos.json`; else `task` or
+    transfer cube, the model's image size, shadows as the stock simulator), the camera its training
+    dataset maps to the model's input, the instruction of its first episode. Without that dataset
+    at hand: the config's camera and the task's instruction. `task` overrides the recorded task."""
     cameras = policy.config["data"]["cameras"]
     if len(cameras) != 1:
         raise VlaflowError(f"the simulator renders one camera; the model takes {len(cameras)} (data.cameras)")
@@ -183,14 +187,16 @@ def simulation_setup(policy: Policy, render_size: tuple[int, int] | None = None)
         spec = robot_spec(policy.config, entry)
         instruction = inspect_episode(entry.episodes()[0], spec).instruction
     except VlaflowError as error:
-        print(f"closed loop: the training data is not at hand ({error}); using the transfer-cube instruction")
-        return SimulationSetup(cameras[0], tuple(render_size or policy.image_size), True, TRANSFER_CUBE_INSTRUCTION)
+        chosen = sim_task(task or DEFAULT_TASK)
+        print(f"closed loop: the training data is not at hand ({error}); using the {chosen.name} instruction")
+        return SimulationSetup(chosen, cameras[0], tuple(render_size or policy.image_size), True, chosen.instruction)
     summary = entry.path / SUMMARY_FILE
     recorded = json.loads(summary.read_text()) if summary.is_file() else {}
     if render_size is None and recorded:
         render_size = (recorded["height"], recorded["width"])
     shadows = recorded.get("shadows", True)
-    return SimulationSetup(spec.cameras[0], tuple(render_size or policy.image_size), shadows, instruction)
+    chosen = sim_task(task or recorded.get("task", DEFAULT_TASK))
+    return SimulationSetup(chosen, spec.cameras[0], tuple(render_size or policy.image_size), shadows, instruction)
 
 
 @dataclass
@@ -204,7 +210,7 @@ class Rollout:
 
 
 def run_episode(
-    sim: TransferCubeSim,
+    sim: AlohaSim,
     policy: Policy,
     setup: SimulationSetup,
     seed: int,
@@ -271,8 +277,10 @@ def evaluate_closed_loop(
     query_every: int | None = None,
     render_size: tuple[int, int] | None = None,
     video_size: tuple[int, int] | None = None,
+    task: str | None = None,
 ) -> dict:
-    """Run `episodes` transfer-cube episodes with seeds `seed`, `seed + 1`, ... under the policy,
+    """Run `episodes` episodes of the simulator task (`simulation_setup`) with seeds `seed`,
+    `seed + 1`, ... under the policy,
     querying it every `query_every` steps (by default every step with temporal ensembling, else
     once per chunk); writes `closed_loop.json` and, with `video_size` (height, width), the first
     rollout as `rollout.gif` at that size."""
@@ -284,7 +292,7 @@ def evaluate_closed_loop(
     if (policy.action_dim, policy.state_dim) != (ALOHA_DIM, ALOHA_DIM):
         raise VlaflowError(
             f"{model_dir}: action/state dimensions {policy.action_dim}/{policy.state_dim}; "
-            f"the transfer-cube simulator needs {ALOHA_DIM}/{ALOHA_DIM}"
+            f"the ALOHA simulator needs {ALOHA_DIM}/{ALOHA_DIM}"
         )
     query_every = query_every or (1 if temporal_ensemble else policy.chunk_size)
     if not 1 <= query_every <= policy.chunk_size:
@@ -292,8 +300,8 @@ def evaluate_closed_loop(
             f"query every {query_every} steps: the model predicts {policy.chunk_size}-step chunks "
             f"(evaluation.robot.query_every from 1 to {policy.chunk_size})"
         )
-    setup = simulation_setup(policy, render_size)
-    sim = TransferCubeSim(*setup.render_size, camera=setup.camera, shadows=setup.shadows)
+    setup = simulation_setup(policy, render_size, task)
+    sim = AlohaSim(setup.task, *setup.render_size, camera=setup.camera, shadows=setup.shadows)
     rollouts = []
     for number in range(episodes):
         rollout = run_episode(
@@ -314,6 +322,7 @@ def evaluate_closed_loop(
         )
     max_rewards = [rollout.max_reward for rollout in rollouts]
     result = {
+        "task": setup.task.name,
         "episodes": episodes,
         "seeds": [rollout.seed for rollout in rollouts],
         "max_rewards": max_rewards,

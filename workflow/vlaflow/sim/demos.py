@@ -1,6 +1,6 @@
-"""Record successful transfer-cube demonstrations as HDF5 episodes, following ACT's recipe: run the
-scripted plan under end-effector control, then replay its joint trajectory under joint control
-while rendering the camera."""
+"""Record successful demonstrations of a simulator task (`vlaflow.sim.tasks`) as HDF5 episodes,
+following ACT's recipe: run the task's scripted plan under end-effector control, then replay its
+joint trajectory under joint control while rendering the camera."""
 
 import json
 import multiprocessing
@@ -13,11 +13,10 @@ from gym_aloha.constants import normalize_puppet_gripper_position
 
 from vlaflow.cpus import available_cpus
 from vlaflow.data.episode_format import write_episode
-from vlaflow.data.language import TRANSFER_CUBE_INSTRUCTION, TRANSFER_CUBE_REASONING
 from vlaflow.errors import VlaflowError
 from vlaflow.fs import atomic_directory
-from vlaflow.sim.aloha import MAX_REWARD, EndEffectorTransferCubeSim, TransferCubeSim
-from vlaflow.sim.scripted import phase, pick_and_transfer_actions
+from vlaflow.sim.aloha import MAX_REWARD, AlohaSim, EndEffectorAlohaSim
+from vlaflow.sim.tasks import DEFAULT_TASK, sim_task
 
 SUMMARY_FILE = "demos.json"
 
@@ -30,15 +29,13 @@ class DemoReport:
     failed_seeds: list[int]
 
 
-def scripted_joint_trajectory(seed: int) -> np.ndarray:
+def scripted_joint_trajectory(task: str, seed: int) -> np.ndarray:
     """(EPISODE_LENGTH, 14) joint targets: the joint positions the scripted plan passes through under
     mocap control, with each gripper replaced by its commanded opening: the measured one stops at the
     cube, and replaying it would not squeeze."""
-    sim = EndEffectorTransferCubeSim()
+    sim = EndEffectorAlohaSim(sim_task(task))
     observation = sim.reset(seed)
-    plan = pick_and_transfer_actions(
-        observation["mocap_pose_left"], observation["mocap_pose_right"], observation["box_pose"][:3]
-    )
+    plan = sim.task.plan(observation["mocap_pose_left"], observation["mocap_pose_right"], observation["object_poses"])
     trajectory = []
     for action in plan:
         joints = observation["qpos"].copy()
@@ -50,12 +47,12 @@ def scripted_joint_trajectory(seed: int) -> np.ndarray:
 
 
 def record_episode(
-    seed: int, path: Path, *, height: int, width: int, camera: str, shadows: bool, compress: bool
+    task: str, seed: int, path: Path, *, height: int, width: int, camera: str, shadows: bool, compress: bool
 ) -> int:
-    """Replay the scripted trajectory for `seed` under joint control; write the episode to `path` if it
-    succeeds. Returns the replay's maximum reward."""
-    actions = scripted_joint_trajectory(seed)
-    sim = TransferCubeSim(height, width, camera, shadows)
+    """Replay the task's scripted trajectory for `seed` under joint control; write the episode to
+    `path` if it succeeds. Returns the replay's maximum reward."""
+    actions = scripted_joint_trajectory(task, seed)
+    sim = AlohaSim(sim_task(task), height, width, camera, shadows)
     state = sim.reset(seed)
     qpos, qvel, frames, max_reward = [], [], [], 0
     for action in actions:
@@ -71,8 +68,8 @@ def record_episode(
             qpos=np.stack(qpos),
             qvel=np.stack(qvel),
             images={camera: np.stack(frames)},
-            language=TRANSFER_CUBE_INSTRUCTION,
-            substep_reasonings=[TRANSFER_CUBE_REASONING[phase(step)] for step in range(len(actions))],
+            language=sim.task.instruction,
+            substep_reasonings=[sim.task.phase_reasoning(step) for step in range(len(actions))],
             sim=True,
             compress=compress,
         )
@@ -84,7 +81,7 @@ def _staged_name(seed: int) -> str:
 
 
 def _attempt_seeds(
-    staging: Path, episodes: int, seed: int, max_attempts: int, workers: int, **options
+    task: str, staging: Path, episodes: int, seed: int, max_attempts: int, workers: int, **options
 ) -> dict[int, int]:
     """Try seeds from `seed` on until `episodes` succeed or `max_attempts` are spent; each success is
     written to `staging`. Returns every tried seed's maximum reward."""
@@ -99,7 +96,7 @@ def _attempt_seeds(
             # the first successful seeds, whatever the number of workers.
             while len(running) < min(workers, missing) and next_seed - seed < max_attempts:
                 path = staging / _staged_name(next_seed)
-                running[pool.submit(record_episode, next_seed, path, **options)] = next_seed
+                running[pool.submit(record_episode, task, next_seed, path, **options)] = next_seed
                 next_seed += 1
             if not running:
                 return rewards
@@ -119,16 +116,20 @@ def record_demos(
     shadows: bool = True,
     workers: int | None = None,
     compress: bool = False,
+    task: str | None = None,
 ) -> DemoReport:
-    """Write `episodes` successful demonstrations to `out_dir` as episode_0000.hdf5, ..., trying seeds
-    `seed`, `seed + 1`, ... in `workers` processes (at most one per available CPU). The folder
-    appears only once complete; its demos.json records how the frames were rendered."""
+    """Write `episodes` successful demonstrations of `task` to `out_dir` as episode_0000.hdf5, ...,
+    trying seeds `seed`, `seed + 1`, ... in `workers` processes (at most one per available CPU).
+    The folder appears only once complete; its demos.json records the task and how the frames
+    were rendered."""
     if episodes < 1:
         raise VlaflowError(f"episodes must be at least 1, not {episodes}")
+    task = sim_task(task or DEFAULT_TASK).name  # an unknown task fails here, before any process starts
     max_attempts = 2 * episodes + 5
     out_dir = Path(out_dir)
     with atomic_directory(out_dir) as staging:
         rewards = _attempt_seeds(
+            task,
             staging,
             episodes,
             seed,
@@ -142,7 +143,7 @@ def record_demos(
         )
         successful = sorted(s for s, reward in rewards.items() if reward == MAX_REWARD)
         failed = sorted(s for s, reward in rewards.items() if reward != MAX_REWARD)
-        summary = f"transfer-cube demos: {len(successful)} succeeded, {len(failed)} failed (seeds {failed})"
+        summary = f"{task} demos: {len(successful)} succeeded, {len(failed)} failed (seeds {failed})"
         print(summary, flush=True)
         if len(successful) < episodes:
             raise VlaflowError(f"{summary}; gave up after {max_attempts} attempts for {episodes} episodes")
@@ -150,6 +151,7 @@ def record_demos(
         for name, episode_seed in zip(names, successful):
             (staging / _staged_name(episode_seed)).rename(staging / name)
         summary_fields = {
+            "task": task,
             "episodes": [{"file": name, "seed": s} for name, s in zip(names, successful)],
             "failures": [{"seed": s, "max_reward": rewards[s]} for s in failed],
             "seeds_tried": sorted(rewards),
