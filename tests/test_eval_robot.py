@@ -19,6 +19,7 @@ from vlaflow.data.episode_format import ACTION, QPOS
 from vlaflow.data.language import TRANSFER_CUBE_INSTRUCTION
 from vlaflow.data.stats import NormStats
 from vlaflow.errors import VlaflowError
+from vlaflow.evaluation.metrics import METRICS_FILE, read_metrics
 from vlaflow.evaluation.policy import Policy, robot_datasets
 from vlaflow.evaluation.robot import (
     CLOSED_LOOP_FILE,
@@ -67,6 +68,15 @@ def test_open_loop_scores_every_step_of_the_held_out_episode(trained_model, tmp_
     assert (result["split"], result["datasets"], result["episodes"]) == ("val", ["cube"], 1)
     assert result["samples"] == EPISODE_LENGTH
     assert_errors_well_formed(result)
+    reference = result["reference"]
+    assert read_metrics(tmp_path / METRICS_FILE) == {
+        "open loop (val)": {
+            "mse": result["mse"],
+            "l1": result["l1"],
+            "mse mean_action": reference["mean_action"]["mse"],
+            "mse hold_state": reference["hold_state"]["mse"],
+        }
+    }
 
 
 def test_trivial_policies_are_scored_on_the_same_held_out_steps(trained_model, tmp_path):
@@ -121,6 +131,13 @@ def test_closed_loop_runs_seeded_episodes_and_records_the_first(trained_model, t
     assert (result["camera"], result["render_size"], result["shadows"]) == ("top", list(DEMO_SIZE), False)
     assert result["instruction"] == TRANSFER_CUBE_INSTRUCTION
     assert result["first_rollout_reasoning"][0]["step"] == 0
+    assert read_metrics(tmp_path / METRICS_FILE) == {
+        "closed loop (transfer_cube)": {
+            "success rate": result["success_rate"],
+            "mean max reward": result["mean_max_reward"],
+            "episodes": 1.0,
+        }
+    }
     with Image.open(tmp_path / ROLLOUT_FILE) as gif:  # at its own size, not the policy's camera's
         assert gif.format == "GIF" and gif.size == (176, 120)
         assert 3 <= gif.n_frames <= math.ceil(result["steps"][0] / GIF_FRAME_STRIDE)

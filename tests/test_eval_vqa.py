@@ -12,6 +12,7 @@ from vlaflow.data.easy_vqa import EASY_VQA_BENCHMARK, build_easy_vqa_benchmark
 from vlaflow.errors import VlaflowError
 from vlaflow.evaluation.vlmevalkit import VlaflowVLM
 from vlaflow.evaluation.exact_matching import can_infer, read_prediction_file
+from vlaflow.evaluation.metrics import METRICS_FILE, read_metrics
 from vlaflow.evaluation.vqa import (
     SUMMARY,
     answer_messages,
@@ -269,7 +270,7 @@ def evaluated(vla_folder, tmp_path_factory):
 def test_evaluation_writes_vlmevalkits_files_verdicts_and_summary(evaluated, vla_folder):
     lmudata, out, summary = evaluated
     stem = f"{vla_folder.name}_{EASY_VQA_BENCHMARK}"
-    expected = [f"{stem}.xlsx", f"{stem}_verdicts.tsv", f"{stem}_acc.csv", SUMMARY]
+    expected = [f"{stem}.xlsx", f"{stem}_verdicts.tsv", f"{stem}_acc.csv", SUMMARY, METRICS_FILE]
     assert sorted(path.name for path in out.iterdir()) == sorted(expected)
 
     source = read_tsv(lmudata / f"{EASY_VQA_BENCHMARK}.tsv")
@@ -292,6 +293,13 @@ def test_evaluation_writes_vlmevalkits_files_verdicts_and_summary(evaluated, vla
     easy = summary[EASY_VQA_BENCHMARK]
     assert easy["total"] == 12 and easy["split"] == {"test": easy["overall"]}
     assert easy["vlmevalkit"][0]["Overall"] == pytest.approx(easy["overall"])
+    metrics = read_metrics(out / METRICS_FILE)[EASY_VQA_BENCHMARK]
+    assert (metrics["accuracy"], metrics["chance"], metrics["Overall (test)"]) == (
+        easy["overall"],
+        easy["chance"],
+        easy["vlmevalkit"][0]["Overall"],
+    )
+    assert {f"{name} (test)" for name in easy["category"]} < set(metrics)
     assert set(easy["category"]) == {row["category"] for row in source}
     assert all(0 <= value <= 1 for group in ("category", "l2-category") for value in easy[group].values())
 

@@ -8,7 +8,7 @@ from PIL import Image
 from tests.conftest import random_image
 from vlaflow.cli import main
 from vlaflow.errors import VlaflowError
-from vlaflow.report import Run, closed_loop_detail, forgetting_table, write_report
+from vlaflow.report import Run, closed_loop_detail, forgetting_table, metrics_detail, write_report
 
 
 def write_json(path, value):
@@ -31,6 +31,8 @@ def runs(tmp_path):
         steps = [{"step": step, "loss": 5.0 / step, "vl_loss": 4.0 / step, "action_loss": 0.0} for step in range(1, 6)]
         (model / "metrics.jsonl").write_text("".join(json.dumps(entry) + "\n" for entry in steps))
         write_json(vqa_folder / "vqa_summary.json", vqa(accuracy, {"color": accuracy, "shape": 1 - accuracy}))
+        metrics = {"accuracy": accuracy, "chance": 0.45, "Overall (test)": accuracy, "shape (test)": 1 - accuracy}
+        write_json(vqa_folder / "metrics.json", {"EasyVQA": metrics})
         if label == "vlm":
             runs.append(Run(label, model, (vqa_folder,)))  # no robot statistics: no robot evaluation
             continue
@@ -44,6 +46,7 @@ def runs(tmp_path):
         reference = {"hold_state": {"mse": 0.25}, "mean_action": {"mse": 0.5}}
         write_json(robot_folder / "open_loop.json", {"mse": 0.0123, "l1": 0.0456, "reference": reference})
         write_json(robot_folder / "closed_loop.json", closed_loop)
+        write_json(robot_folder / "metrics.json", {"closed loop (insertion)": {"success rate": 0.5, "episodes": 4}})
         runs.append(Run(label, model, (vqa_folder, robot_folder)))
     frames = [random_image(seed, (24, 32)) for seed in range(3)]
     frames[0].save(tmp_path / "stage2/robot/rollout.gif", save_all=True, append_images=frames[1:])
@@ -74,7 +77,11 @@ def test_closed_loop_results_come_with_their_spread_and_per_episode_distribution
     [(name, header, rows)] = closed_loop_detail(runs)
     assert name == "Closed loop"
     assert header == [
-        "", "episodes", "success rate (95% interval)", "mean max reward ± s.e.", "episodes by max reward 0 / 1 / 2 / 3 / 4"
+        "",
+        "episodes",
+        "success rate (95% interval)",
+        "mean max reward ± s.e.",
+        "episodes by max reward 0 / 1 / 2 / 3 / 4",
     ]
     # 2 of 4: Wilson's 95% interval is 15.0%-85.0%; the rewards 4, 0, 2, 4 have s.e. sqrt(11/3)/2
     assert rows == [
@@ -120,13 +127,26 @@ def test_report_command_writes_html_markdown_curves_and_rollout(runs, tmp_path, 
             assert image.size == (600, 350)
     markdown = (out / "report.md").read_text()
     assert "| stage1 | 40.0% | 0.0123 | 0.2500 | 0.5000 | 0.0456 | 50.0% | 2.50 |" in markdown
-    assert "| category: shape | 20.0% | 60.0% | 30.0% |" in markdown
-    assert "| chance | 45.0% | 45.0% | 45.0% |" in markdown
+    assert "## EasyVQA" in markdown and "| shape (test) | 0.2 | 0.6 | 0.3 |" in markdown
+    assert "| chance | 0.45 | 0.45 | 0.45 |" in markdown
+    assert "## closed loop (insertion)" in markdown and "| success rate | — | 0.5 | 0.5 |" in markdown
     assert "](vqa_vs_robot_error.png)" in markdown
     assert "## Closed loop" in markdown and "| stage2 | 4 | 50.0% (15.0%–85.0%) | 2.50 ± 0.96 |" in markdown
     assert "![stage2: first rollout (seed 7, max reward 4 of 4)](rollout_stage2.gif)" in markdown
     page = (out / "report.html").read_text()
     assert page.startswith("<!doctype html>") and "<td>70.0%</td>" in page and 'src="loss_vlm.png"' in page
+
+
+def test_an_evaluation_the_report_does_not_know_is_laid_out_from_its_metrics(runs, tmp_path):
+    write_json(runs[1].evaluations[0] / "metrics.json", {"RefCOCO": {"IoU@0.5": 0.123456, "boxes": 812}})
+    (table,) = [table for table in metrics_detail(runs) if table[0] == "RefCOCO"]
+    assert table == (
+        "RefCOCO",
+        ["", "vlm", "stage1", "stage2"],
+        [["IoU@0.5", "—", "0.1235", "—"], ["boxes", "—", "812", "—"]],
+    )
+    write_report(runs, tmp_path / "report")
+    assert "| IoU@0.5 | — | 0.1235 | — |" in (tmp_path / "report" / "report.md").read_text()
 
 
 def test_without_an_arm_that_has_both_measures_there_is_no_accuracy_error_plot(runs, tmp_path):

@@ -13,6 +13,7 @@ from vlaflow.config import ConfigError, validate_config
 from vlaflow.data import episode_format
 from vlaflow.data.language import INSERTION_INSTRUCTION, INSERTION_REASONING
 from vlaflow.errors import VlaflowError
+from vlaflow.evaluation.metrics import METRICS_FILE, read_metrics
 from vlaflow.evaluation.policy import Policy
 from vlaflow.evaluation.robot import CLOSED_LOOP_FILE, evaluate_closed_loop, simulation_setup
 from vlaflow.sim.aloha import EPISODE_LENGTH, MAX_REWARD, AlohaSim
@@ -101,6 +102,7 @@ def test_closed_loop_runs_the_task_the_model_was_trained_on(insertion_run):
     assert json.loads((out / CLOSED_LOOP_FILE).read_text()) == result
     assert (result["task"], result["instruction"]) == ("insertion", INSERTION_INSTRUCTION)
     assert result["episodes"] == 1 and result["steps"] == [12] and 0 <= result["max_rewards"][0] <= MAX_REWARD
+    assert read_metrics(out / METRICS_FILE)["closed loop (insertion)"]["success rate"] == result["success_rate"]
 
 
 @pytest.mark.slow

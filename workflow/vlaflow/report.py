@@ -1,7 +1,8 @@
 """`vlaflow report`: one page (HTML, and a Markdown twin) on a whole recipe run: the forgetting
 table, which lines up VQA accuracy (beside chance) and robot metrics (beside two trivial policies)
 after each stage (also as `forgetting.csv`), a plot of VQA accuracy against robot error per arm,
-the evaluation tables, loss curves per stage and a rollout of each policy. It shows what was
+the evaluation tables (each evaluation's generic `metrics.json`, laid out without knowing the
+evaluation), loss curves per stage and a rollout of each policy. It shows what was
 measured; a stage that was not evaluated on something shows a dash."""
 
 import html
@@ -15,6 +16,7 @@ from pathlib import Path
 from matplotlib.figure import Figure
 
 from vlaflow.errors import VlaflowError
+from vlaflow.evaluation import metrics as evaluation_metrics
 from vlaflow.fs import atomic_directory
 from vlaflow.training.checkpoints import METRICS_FILE
 
@@ -38,6 +40,17 @@ class Run:
 
     def find(self, name: str) -> Path | None:
         return next((folder / name for folder in self.evaluations if (folder / name).exists()), None)
+
+    def metrics(self) -> dict[str, dict[str, float]]:
+        """Every evaluation's generic metrics (`metrics.json` of each evaluation folder)."""
+        merged = {}
+        for folder in self.evaluations:
+            path = folder / evaluation_metrics.METRICS_FILE
+            try:
+                merged |= evaluation_metrics.read_metrics(path)
+            except json.JSONDecodeError as error:
+                raise VlaflowError(f"{path}: not valid JSON ({error.msg})") from None
+        return merged
 
     def read(self, name: str) -> dict | None:
         path = self.find(name)
@@ -150,21 +163,43 @@ def plot_skill(runs: list[Run], out: Path) -> bool:
             axes.annotate(label, (mse, 100 * accuracy), textcoords="offset points", xytext=(6, 4))
         elif accuracy is not None:
             axes.axhline(100 * accuracy, linestyle="--", color="tab:gray", linewidth=1)
-            axes.annotate(f"{label} (no robot error)", (0, 100 * accuracy), xycoords=("axes fraction", "data"),
-                          xytext=(4, 3), textcoords="offset points", fontsize=8, color="tab:gray")
+            axes.annotate(
+                f"{label} (no robot error)",
+                (0, 100 * accuracy),
+                xycoords=("axes fraction", "data"),
+                xytext=(4, 3),
+                textcoords="offset points",
+                fontsize=8,
+                color="tab:gray",
+            )
     chances = [chance for chance in (_chance(runs, name) for name in _benchmarks(runs)) if chance is not None]
     if chances:
         level = 100 * sum(chances) / len(chances)
         axes.axhline(level, linestyle=":", color="tab:red", linewidth=1)
-        axes.annotate("chance", (0, level), xycoords=("axes fraction", "data"), xytext=(4, 3),
-                      textcoords="offset points", fontsize=8, color="tab:red")
+        axes.annotate(
+            "chance",
+            (0, level),
+            xycoords=("axes fraction", "data"),
+            xytext=(4, 3),
+            textcoords="offset points",
+            fontsize=8,
+            color="tab:red",
+        )
     open_loops = (run.read(OPEN_LOOP) or {} for run in runs)
     reference = next((open_loop["reference"] for open_loop in open_loops if "reference" in open_loop), {})
     for policy, name in (("hold_state", "hold state"), ("mean_action", "mean action")):
         if "mse" in reference.get(policy, {}):
             axes.axvline(reference[policy]["mse"], linestyle=":", color="tab:blue", linewidth=1)
-            axes.annotate(name, (reference[policy]["mse"], 0), xycoords=("data", "axes fraction"), xytext=(3, 4),
-                          textcoords="offset points", fontsize=8, color="tab:blue", rotation=90)
+            axes.annotate(
+                name,
+                (reference[policy]["mse"], 0),
+                xycoords=("data", "axes fraction"),
+                xytext=(3, 4),
+                textcoords="offset points",
+                fontsize=8,
+                color="tab:blue",
+                rotation=90,
+            )
     axes.set_xlabel("open-loop action MSE (lower is better)")
     axes.set_ylabel("VQA accuracy, % (higher is better)")
     axes.set_ylim(0, 100)
@@ -205,23 +240,21 @@ def forgetting_csv(runs: list[Run]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def vqa_detail(runs: list[Run]) -> list[tuple[str, list[str], list[list[str]]]]:
-    """Per benchmark: accuracy by split, category and l2-category, one column per run."""
+def metrics_detail(runs: list[Run]) -> list[tuple[str, list[str], list[list[str]]]]:
+    """One table per evaluation in the runs' `metrics.json` (a benchmark, an open- or closed-loop
+    robot evaluation), a row per metric and a column per run, whatever the evaluation was."""
+    metrics = {run.label: run.metrics() for run in runs}
+    evaluations = list(dict.fromkeys(name for by_run in metrics.values() for name in by_run))
     tables = []
-    for name in _benchmarks(runs):
-        summaries = {run.label: (run.read(VQA_SUMMARY) or {}).get(name, {}) for run in runs}
-        keys = []
-        for summary in summaries.values():
-            for group in ("split", "category", "l2-category"):
-                keys += [(group, key) for key in summary.get(group, {}) if (group, key) not in keys]
-        rows = [["overall", *[_percent(summaries[run.label].get("overall")) for run in runs]]]
-        rows.append(["chance", *[_percent(summaries[run.label].get("chance")) for run in runs]])
-        rows += [
-            [f"{group}: {key}", *[_percent(summaries[run.label].get(group, {}).get(key)) for run in runs]]
-            for group, key in keys
-        ]
-        tables.append((name, ["", *[run.label for run in runs]], rows))
+    for evaluation in evaluations:
+        names = list(dict.fromkeys(name for by_run in metrics.values() for name in by_run.get(evaluation, {})))
+        rows = [[name, *[_metric(metrics[run.label].get(evaluation, {}).get(name)) for run in runs]] for name in names]
+        tables.append((evaluation, ["", *[run.label for run in runs]], rows))
     return tables
+
+
+def _metric(value) -> str:
+    return DASH if value is None else f"{value:.4g}"
 
 
 def _wilson_interval(successes: int, trials: int, z: float = 1.96) -> tuple[float, float]:
@@ -246,7 +279,13 @@ def closed_loop_detail(runs: list[Run]) -> list[tuple[str, list[str], list[list[
         return []
     top = max(_top_reward(loop) for _, loop in loops)
     levels = " / ".join(map(str, range(top + 1)))
-    header = ["", "episodes", "success rate (95% interval)", "mean max reward ± s.e.", f"episodes by max reward {levels}"]
+    header = [
+        "",
+        "episodes",
+        "success rate (95% interval)",
+        "mean max reward ± s.e.",
+        f"episodes by max reward {levels}",
+    ]
     rows = []
     for label, loop in loops:
         rewards = loop["max_rewards"]
@@ -294,7 +333,7 @@ def write_report(runs: list[Run], out: Path, title: str = "vlaflow run") -> Path
                 shutil.copyfile(run.find(ROLLOUT), staging / name)
                 rollouts.append((run.label, name, run.read(CLOSED_LOOP) or {}))
         header, rows = forgetting_table(runs)
-        details = closed_loop_detail(runs) + vqa_detail(runs)
+        details = closed_loop_detail(runs) + metrics_detail(runs)
         skill = SKILL_PLOT if plot_skill(runs, staging / SKILL_PLOT) else None
         (staging / "forgetting.csv").write_text(forgetting_csv(runs))
         (staging / "report.md").write_text(_markdown(title, header, rows, skill, details, curves, rollouts))

@@ -22,6 +22,7 @@ from vlaflow.errors import VlaflowError
 from vlaflow.models.qwen2_vla.processing_qwen2_vla import load_processor
 from vlaflow.training.checkpoints import CONFIG_FILE, STATS_FILE
 
+
 @dataclass
 class PolicyOutput:
     actions: np.ndarray  # (batch, chunk_size, action_dim), in the robot's units

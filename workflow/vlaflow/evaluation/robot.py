@@ -4,7 +4,8 @@ Open loop: the action chunk predicted for every time step of held-out episodes (
 against the recorded one, in the robot's units. Closed loop: seeded episodes in the
 simulator, the policy in control, on the task its training data shows (`vlaflow.sim.tasks`); an
 episode succeeds when its maximum reward reaches 4.
-Both write their results into `out_dir` beside each other, each file written atomically.
+Both write their results into `out_dir` beside each other, each file written atomically, and add
+their headline figures to its `metrics.json` (vlaflow.evaluation.metrics).
 """
 
 import json
@@ -20,6 +21,7 @@ from torch.utils.data import ConcatDataset
 from vlaflow.data.robot_dataset import RobotEpisodeDataset, inspect_episode
 from vlaflow.data.stage_data import robot_spec
 from vlaflow.errors import VlaflowError
+from vlaflow.evaluation.metrics import add_metrics
 from vlaflow.evaluation.policy import Policy, robot_datasets
 from vlaflow.fs import atomic_file, check_destination
 from vlaflow.sim.aloha import DT, EPISODE_LENGTH, MAX_REWARD, AlohaSim
@@ -134,6 +136,8 @@ def evaluate_open_loop(
         "reference": {name: sums.metrics() for name, sums in references.items()},
     }
     _write_json(out, result)
+    references = {f"mse {name}": value["mse"] for name, value in result["reference"].items()}
+    add_metrics(out.parent, f"open loop ({split})", {"mse": result["mse"], "l1": result["l1"], **references})
     seconds = time.perf_counter() - started
     reference = ", ".join(f"{name} {value['mse']:.5g}" for name, value in result["reference"].items())
     print(
@@ -343,6 +347,11 @@ def evaluate_closed_loop(
     if video_size:
         _write_gif(out_dir / ROLLOUT_FILE, rollouts[0].frames)
     _write_json(out_dir / CLOSED_LOOP_FILE, result)
+    add_metrics(
+        out_dir,
+        f"closed loop ({setup.task.name})",
+        {"success rate": result["success_rate"], "mean max reward": result["mean_max_reward"], "episodes": episodes},
+    )
     print(
         f"closed loop: success rate {result['success_rate']:.2f}, mean max reward {result['mean_max_reward']:.2f} "
         f"-> {out_dir / CLOSED_LOOP_FILE}",

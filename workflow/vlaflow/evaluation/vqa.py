@@ -9,6 +9,7 @@ by the vision-language expert and scored offline exactly as VLMEvalKit scores th
                                     index, GT, prediction, extracted (the letter read, or empty), hit
       {model}_{NAME}_acc.csv        VLMEvalKit's table: per split, Overall and each l2-category and
                                     category (MMBench's abbreviated)
+      metrics.json                  {NAME: {metric: value}}: the generic figures the report lays out
       vqa_summary.json              {NAME: {"vlmevalkit": the table's rows, "overall", "total",
                                     "chance", "split", "category", "l2-category"}}: vlaflow's pooled
                                     figures beside VLMEvalKit's table; chance is the accuracy of a
@@ -41,6 +42,7 @@ from vlaflow.data.language import multiple_choice_prompt
 from vlaflow.errors import VlaflowError
 from vlaflow.evaluation import exact_matching
 from vlaflow.evaluation.exact_matching import OPTION_LETTERS, is_circular, is_mmmu
+from vlaflow.evaluation.metrics import add_metrics
 from vlaflow.fs import atomic_directory
 from vlaflow.models.qwen2_vla.processing_qwen2_vla import load_processor
 
@@ -310,6 +312,7 @@ def evaluate_vqa(
             write_verdicts(stem.with_name(stem.name + "_verdicts.tsv"), scored.rows)
             exact_matching.write_accuracy_table(stem.with_name(stem.name + "_acc.csv"), scored.table)
             summary[benchmark.name] = benchmark_summary(benchmark, scored)
+            add_metrics(staging, benchmark.name, vqa_metrics(summary[benchmark.name]))
             logger.info(
                 "%s: accuracy %.4f over %d questions",
                 benchmark.name,
@@ -348,6 +351,15 @@ def chance_accuracy(benchmark: Benchmark) -> float:
 def benchmark_summary(benchmark: Benchmark, scored: exact_matching.Scored) -> dict:
     table = [{name: None if pd.isna(value) else value for name, value in row.items()} for row in scored.table]
     return {**exact_matching.pooled_accuracy(scored.rows), "chance": chance_accuracy(benchmark), "vlmevalkit": table}
+
+
+def vqa_metrics(summary: dict) -> dict[str, float]:
+    """The generic metrics of a benchmark: the pooled accuracy, chance, and VLMEvalKit's table,
+    each cell as "<column> (<split>)"."""
+    metrics = {"accuracy": summary["overall"], "chance": summary["chance"]}
+    for row in summary["vlmevalkit"]:
+        metrics |= {f"{column} ({row['split']})": value for column, value in row.items() if column != "split"}
+    return metrics
 
 
 def write_verdicts(path: Path, scored: pd.DataFrame) -> None:
