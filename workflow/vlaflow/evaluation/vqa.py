@@ -120,15 +120,16 @@ def _read_rows(tsv_path: Path) -> pd.DataFrame:
         )
     if rows.empty:
         raise VlaflowError(f"{tsv_path}: no questions")
-    indices = []
+    indices, seen = [], set()
     for position, cell in enumerate(rows["index"]):
         try:
             index = int(str(cell))
         except ValueError:
             raise VlaflowError(f"{tsv_path}: line {position + 2}: index: {cell!r} is not an integer") from None
-        if index in indices:
+        if index in seen:
             raise VlaflowError(f"{tsv_path}: line {position + 2}: index: {index} appears twice")
         indices.append(index)
+        seen.add(index)
     for group in TABLE_COLUMNS:
         missing = [index for index, cell in zip(indices, rows[group]) if pd.isna(cell)] if group in rows else []
         if missing:
