@@ -206,6 +206,7 @@ def parity_set(tmp_path_factory):
 def test_the_set_is_large_enough(parity_set):
     _, _, _, cases = parity_set
     assert sum(len(predictions) for _, predictions, _, _, _ in cases.values()) >= 2000
+    assert sum(len(ours.answers) for _, _, ours, _, _ in cases.values()) >= 2000  # every one read
     assert len(cases) >= 8
     assert {name for name in cases if exact_matching.is_circular(name)} == {
         "MMBench_DEV_EN_parity",
@@ -218,7 +219,7 @@ def test_every_item_is_read_as_vlmevalkit_reads_it(parity_set):
     kit, _, _, cases = parity_set
     differences = []
     for name, (_, _, ours, _, _) in cases.items():
-        for _, row in ours.rows.iterrows():
+        for _, row in ours.answers.iterrows():
             choices = exact_matching.row_choices(row)
             theirs = kit.matching.can_infer(row["prediction"], dict(choices)) or ""
             if (row["extracted"]) != theirs:

@@ -127,10 +127,12 @@ def read_prediction_file(path: Path) -> pd.DataFrame:
 @dataclass(frozen=True)
 class Scored:
     """The scored rows (one per question; for a circular benchmark one per rotated set, its main
-    row), with `GT`, `extracted` (the letter read, or "") and `hit` (1/0), and VLMEvalKit's table."""
+    row), with `GT`, `extracted` (the letter read, or "") and `hit` (1/0), VLMEvalKit's table, and
+    every prediction-file row with the letter read from it (all rotations, for a circular set)."""
 
     rows: pd.DataFrame
     table: list[dict]
+    answers: pd.DataFrame
 
 
 def score_predictions(predictions: pd.DataFrame, benchmark_rows: pd.DataFrame, benchmark: str) -> Scored:
@@ -150,13 +152,14 @@ def score_predictions(predictions: pd.DataFrame, benchmark_rows: pd.DataFrame, b
     data = data[data["index"].isin(answers)].copy()
     data["GT"] = [answers[index] for index in data["index"]]
     data["extracted"] = [can_infer(row["prediction"], row_choices(row)) or "" for _, row in data.iterrows()]
+    answers = data
     if is_circular(benchmark):
-        data = _circular_hits(data)
+        data = _circular_hits(data.copy())
     else:
-        data["hit"] = [
-            int((extracted or NONE_OF_THE_OPTIONS) == gt) for extracted, gt in zip(data["extracted"], data["GT"])
-        ]
-    return Scored(data, report_accuracy(data))
+        data = data.assign(
+            hit=[int((extracted or NONE_OF_THE_OPTIONS) == gt) for extracted, gt in zip(data["extracted"], data["GT"])]
+        )
+    return Scored(data, report_accuracy(data), answers)
 
 
 def _mmmu_open_questions(data: pd.DataFrame) -> pd.DataFrame:
