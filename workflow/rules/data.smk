@@ -50,7 +50,14 @@ if embedded("aloha_demos"):
             options=lambda w: cli_options(
                 **{
                     key: embedded("aloha_demos")[key]
-                    for key in ("task", "episodes", "height", "width", "seed", "shadows")
+                    for key in (
+                        "task",
+                        "episodes",
+                        "height",
+                        "width",
+                        "seed",
+                        "shadows",
+                    )
                 }
             ),
         shell:
