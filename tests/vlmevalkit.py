@@ -43,7 +43,8 @@ def load() -> types.SimpleNamespace:
             sys.modules[name] = package
     sys.modules["vlmeval.dataset"].DATASET_TYPE = _not_loaded
     config = sys.modules.setdefault("vlmeval.config", types.ModuleType("vlmeval.config"))
-    config.supported_VLM = {}
+    # one registry for the session: `vlmeval.inference` keeps the dict it imported first
+    config.__dict__.setdefault("supported_VLM", {})
     return types.SimpleNamespace(
         matching=importlib.import_module("vlmeval.utils.matching_util"),
         multiple_choice=importlib.import_module("vlmeval.dataset.utils.multiple_choice"),
