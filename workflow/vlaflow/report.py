@@ -41,25 +41,24 @@ class Run:
     def find(self, name: str) -> Path | None:
         return next((folder / name for folder in self.evaluations if (folder / name).exists()), None)
 
+    def read(self, name: str) -> dict | None:
+        path = self.find(name)
+        return None if path is None else _read_json(path)
+
     def metrics(self) -> dict[str, dict[str, float]]:
         """Every evaluation's generic metrics (`metrics.json` of each evaluation folder)."""
         merged = {}
         for folder in self.evaluations:
-            path = folder / evaluation_metrics.METRICS_FILE
-            try:
-                merged |= evaluation_metrics.read_metrics(path)
-            except json.JSONDecodeError as error:
-                raise VlaflowError(f"{path}: not valid JSON ({error.msg})") from None
+            if (folder / evaluation_metrics.METRICS_FILE).is_file():
+                merged |= _read_json(folder / evaluation_metrics.METRICS_FILE)
         return merged
 
-    def read(self, name: str) -> dict | None:
-        path = self.find(name)
-        if path is None:
-            return None
-        try:
-            return json.loads(path.read_text())
-        except json.JSONDecodeError as error:
-            raise VlaflowError(f"{path}: not valid JSON ({error.msg})") from None
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise VlaflowError(f"{path}: not valid JSON ({error.msg})") from None
 
 
 def _curve(metrics: Path) -> dict[str, list[tuple[int, float]]]:
@@ -163,43 +162,21 @@ def plot_skill(runs: list[Run], out: Path) -> bool:
             axes.annotate(label, (mse, 100 * accuracy), textcoords="offset points", xytext=(6, 4))
         elif accuracy is not None:
             axes.axhline(100 * accuracy, linestyle="--", color="tab:gray", linewidth=1)
-            axes.annotate(
-                f"{label} (no robot error)",
-                (0, 100 * accuracy),
-                xycoords=("axes fraction", "data"),
-                xytext=(4, 3),
-                textcoords="offset points",
-                fontsize=8,
-                color="tab:gray",
-            )
+            axes.annotate(f"{label} (no robot error)", (0, 100 * accuracy), xycoords=("axes fraction", "data"),
+                          xytext=(4, 3), textcoords="offset points", fontsize=8, color="tab:gray")
     chances = [chance for chance in (_chance(runs, name) for name in _benchmarks(runs)) if chance is not None]
     if chances:
         level = 100 * sum(chances) / len(chances)
         axes.axhline(level, linestyle=":", color="tab:red", linewidth=1)
-        axes.annotate(
-            "chance",
-            (0, level),
-            xycoords=("axes fraction", "data"),
-            xytext=(4, 3),
-            textcoords="offset points",
-            fontsize=8,
-            color="tab:red",
-        )
+        axes.annotate("chance", (0, level), xycoords=("axes fraction", "data"), xytext=(4, 3),
+                      textcoords="offset points", fontsize=8, color="tab:red")
     open_loops = (run.read(OPEN_LOOP) or {} for run in runs)
     reference = next((open_loop["reference"] for open_loop in open_loops if "reference" in open_loop), {})
     for policy, name in (("hold_state", "hold state"), ("mean_action", "mean action")):
         if "mse" in reference.get(policy, {}):
             axes.axvline(reference[policy]["mse"], linestyle=":", color="tab:blue", linewidth=1)
-            axes.annotate(
-                name,
-                (reference[policy]["mse"], 0),
-                xycoords=("data", "axes fraction"),
-                xytext=(3, 4),
-                textcoords="offset points",
-                fontsize=8,
-                color="tab:blue",
-                rotation=90,
-            )
+            axes.annotate(name, (reference[policy]["mse"], 0), xycoords=("data", "axes fraction"), xytext=(3, 4),
+                          textcoords="offset points", fontsize=8, color="tab:blue", rotation=90)
     axes.set_xlabel("open-loop action MSE (lower is better)")
     axes.set_ylabel("VQA accuracy, % (higher is better)")
     axes.set_ylim(0, 100)
@@ -279,13 +256,7 @@ def closed_loop_detail(runs: list[Run]) -> list[tuple[str, list[str], list[list[
         return []
     top = max(_top_reward(loop) for _, loop in loops)
     levels = " / ".join(map(str, range(top + 1)))
-    header = [
-        "",
-        "episodes",
-        "success rate (95% interval)",
-        "mean max reward ± s.e.",
-        f"episodes by max reward {levels}",
-    ]
+    header = ["", "episodes", "success rate (95% interval)", "mean max reward ± s.e.", f"episodes by max reward {levels}"]
     rows = []
     for label, loop in loops:
         rewards = loop["max_rewards"]

@@ -66,6 +66,20 @@ def is_mmmu(benchmark: str) -> bool:
     return "MMMU" in benchmark
 
 
+def ground_truth(benchmark: str, answer):
+    """The answer VLMEvalKit scores against: for MMMU (not circular), a non-letter answer is A."""
+    if is_mmmu(benchmark) and not is_circular(benchmark):
+        return answer if answer in OPTION_LETTERS else "A"
+    return answer
+
+
+def circular_groups(rows: pd.DataFrame) -> list[int]:
+    """The rotated set of each row: its `g_index`, by default its index modulo 1e6."""
+    if "g_index" in rows:
+        return list(rows["g_index"])
+    return [int(index % CIRCULAR_GROUP_OFFSET) for index in rows["index"]]
+
+
 # --- reading an answer ---
 
 
@@ -145,10 +159,12 @@ def score_predictions(predictions: pd.DataFrame, benchmark_rows: pd.DataFrame, b
     data["prediction"] = [str(prediction) for prediction in data["prediction"]]
     data.columns = [column if column in OPTION_LETTERS else column.lower() for column in data.columns]
     data = data.loc[:, ~data.columns.duplicated(keep="last")]
-    answers = dict(zip(benchmark_rows["index"], benchmark_rows["answer"]))
+    answers = {
+        index: ground_truth(benchmark, answer)
+        for index, answer in zip(benchmark_rows["index"], benchmark_rows["answer"])
+    }
     if is_mmmu(benchmark) and not is_circular(benchmark):
         data = _mmmu_open_questions(data)
-        answers = {index: answer if answer in OPTION_LETTERS else "A" for index, answer in answers.items()}
     data = data[data["index"].isin(answers)].copy()
     data["GT"] = [answers[index] for index in data["index"]]
     data["extracted"] = [can_infer(row["prediction"], row_choices(row)) or "" for _, row in data.iterrows()]
@@ -175,8 +191,7 @@ def _mmmu_open_questions(data: pd.DataFrame) -> pd.DataFrame:
 
 
 def _circular_hits(data: pd.DataFrame) -> pd.DataFrame:
-    if "g_index" not in data:
-        data["g_index"] = [int(index % CIRCULAR_GROUP_OFFSET) for index in data["index"]]
+    data["g_index"] = circular_groups(data)
     right = defaultdict(lambda: True)
     for group, extracted, gt in zip(data["g_index"], data["extracted"], data["GT"]):
         right[group] &= extracted == gt

@@ -41,7 +41,7 @@ from vlaflow.backbone.folder import load_vla, verify_model_folder
 from vlaflow.data.language import multiple_choice_prompt
 from vlaflow.errors import VlaflowError
 from vlaflow.evaluation import exact_matching
-from vlaflow.evaluation.exact_matching import OPTION_LETTERS, is_circular, is_mmmu
+from vlaflow.evaluation.exact_matching import is_circular, is_mmmu
 from vlaflow.evaluation.metrics import add_metrics
 from vlaflow.fs import atomic_directory
 from vlaflow.models.qwen2_vla.processing_qwen2_vla import load_processor
@@ -92,12 +92,12 @@ def read_benchmark(tsv_path: Path, *, limit: int | None = None) -> Benchmark:
     rows = _read_rows(tsv_path)
     name = tsv_path.stem
     image_cells = {index: str(cell) for index, cell in zip(rows["index"], rows["image"]) if not pd.isna(cell)}
+    if limit is not None:
+        rows = rows.iloc[:limit]
     questions = [_question(tsv_path, name, row, image_cells) for _, row in rows.iterrows()]
     rows = rows.assign(
         image=[list(question.images) if len(question.images) > 1 else question.images[0] for question in questions]
     )
-    if limit is not None:
-        rows, questions = rows.iloc[:limit], questions[:limit]
     _check_images(tsv_path, questions)
     return Benchmark(name, rows, questions)
 
@@ -145,15 +145,14 @@ def _question(tsv_path: Path, name: str, row: pd.Series, image_cells: dict) -> Q
     def error(field: str, problem: str) -> VlaflowError:
         return VlaflowError(f"{tsv_path}: row index {index}: {field}: {problem}")
 
-    options = {letter: row[letter] for letter in OPTION_LETTERS if letter in row and not pd.isna(row[letter])}
+    options = exact_matching.row_choices(row)
     answer = row["answer"]
     if pd.isna(answer):
         raise error("answer", "empty")
-    if is_mmmu(name) and not is_circular(name):
-        answer = answer if answer in OPTION_LETTERS else "A"
-        choices = options or {"A": row["answer"], "B": exact_matching.MMMU_OTHER_ANSWERS}
-    else:
-        choices = options
+    answer = exact_matching.ground_truth(name, answer)
+    choices = options
+    if is_mmmu(name) and not is_circular(name) and not options:
+        choices = {"A": row["answer"], "B": exact_matching.MMMU_OTHER_ANSWERS}
     if answer not in choices:
         raise error("answer", f"{row['answer']!r} is not the letter of one of the options {sorted(choices)}")
     hint = row["hint"] if "hint" in row and not pd.isna(row["hint"]) else None
@@ -336,12 +335,7 @@ def chance_accuracy(benchmark: Benchmark) -> float:
     circular benchmark's rotated set counts only if every rotation is guessed right."""
     if not is_circular(benchmark.name):
         return sum(1 / question.choice_count for question in benchmark.questions) / len(benchmark.questions)
-    rows = benchmark.rows
-    groups = (
-        rows["g_index"]
-        if "g_index" in rows
-        else [int(index % exact_matching.CIRCULAR_GROUP_OFFSET) for index in rows["index"]]
-    )
+    groups = exact_matching.circular_groups(benchmark.rows)
     odds = {}
     for group, question in zip(groups, benchmark.questions):
         odds[group] = odds.get(group, 1.0) / question.choice_count
