@@ -61,6 +61,14 @@ def test_stage_lists_and_mix_weight_default():
             "cfg: data.relative_actions: actions relative to the state need model.action_dim (7) equal to "
             "model.state_dim (8)",
         ),
+        (
+            {"evaluation": {"vqa": {"kinds": {"Probe": "yes_or_no"}}}},
+            "cfg: evaluation.vqa.kinds: 'Probe' is not among evaluation.vqa.benchmarks ['EasyVQA']",
+        ),
+        (
+            {"evaluation": {"vqa": {"benchmarks": ["Probe"], "kinds": {"Probe": "yes_no"}}}},
+            "cfg: evaluation.vqa.kinds.Probe: 'yes_no' is not a benchmark kind (multiple_choice, yes_or_no)",
+        ),
         (["a", "list"], "cfg: expected a mapping of keys, got list"),
     ],
 )

@@ -11,7 +11,8 @@ from tests.conftest import random_image
 from vlaflow.data.easy_vqa import EASY_VQA_BENCHMARK, build_easy_vqa_benchmark
 from vlaflow.errors import VlaflowError
 from vlaflow.evaluation.vlmevalkit import VlaflowVLM
-from vlaflow.evaluation.exact_matching import can_infer, read_prediction_file
+from vlaflow.evaluation.benchmark_kind import read_prediction_file
+from vlaflow.evaluation.exact_matching import can_infer
 from vlaflow.evaluation.metrics import METRICS_FILE, read_metrics
 from vlaflow.evaluation.vqa import (
     SUMMARY,
@@ -19,8 +20,6 @@ from vlaflow.evaluation.vqa import (
     benchmark_summary,
     decode_image,
     evaluate_vqa,
-    mcq_prompt,
-    prompt_message,
     read_benchmark,
     score_benchmark,
 )
@@ -128,9 +127,14 @@ def test_tsv_variants_load_with_shared_images_hints_and_absent_options(variants_
     assert [question.index for question in read_benchmark(variants_tsv, limit=2).questions] == [10, 11]
 
 
+def prompt_text(benchmark, question) -> str:
+    return benchmark.prompt(question)[-1]["value"]
+
+
 def test_prompt_is_vlmevalkits_multiple_choice_prompt(variants_tsv):
-    with_hint, five_options = read_benchmark(variants_tsv).questions[:2]
-    assert mcq_prompt(with_hint) == (
+    benchmark = read_benchmark(variants_tsv)
+    with_hint, five_options = benchmark.questions[:2]
+    assert prompt_text(benchmark, with_hint) == (
         "Hint: Look closely.\n"
         "Question: What shape?\n"
         "Options:\n"
@@ -139,8 +143,8 @@ def test_prompt_is_vlmevalkits_multiple_choice_prompt(variants_tsv):
         "C. star\n"
         "Please select the correct answer from the options above. \n"
     )
-    assert mcq_prompt(five_options).startswith("Question: What colour?\nOptions:\nA. red\n")
-    assert "E. teal\nPlease select" in mcq_prompt(five_options)
+    assert prompt_text(benchmark, five_options).startswith("Question: What colour?\nOptions:\nA. red\n")
+    assert "E. teal\nPlease select" in prompt_text(benchmark, five_options)
 
 
 def test_mmmu_rows_with_several_images_and_open_questions_load_as_vlmevalkit_reads_them(tmp_path):
@@ -154,9 +158,9 @@ def test_mmmu_rows_with_several_images_and_open_questions_load_as_vlmevalkit_rea
     benchmark = read_benchmark(tmp_path / "MMMU_DEV_VAL.tsv")
     several, open_question = benchmark.questions
     assert several.images == tuple(images)
-    assert mcq_prompt(open_question) == "Question: How many degrees?\n"
-    assert open_question.answer == "A" and open_question.choice_count == 2
-    message = prompt_message(benchmark.name, several)
+    assert prompt_text(benchmark, open_question) == "Question: How many degrees?\n"
+    assert open_question.answer == "A" and open_question.options == {}
+    message = benchmark.prompt(several)
     assert [part["type"] for part in message] == ["text", "image", "text", "image", "text"]
     assert [part["value"] for part in message if part["type"] == "image"] == images
     assert message[0]["value"] == "Question: " and message[2]["value"] == " or "
@@ -316,8 +320,9 @@ def test_vlmevalkit_adapter_answers_through_the_same_code(vla_folder, tmp_path, 
     image = decode_image(question.images[0])
     image.save(tmp_path / "image.png")
     model = VlaflowVLM(model_path=str(vla_folder), max_new_tokens=4)
-    message = [{"type": "image", "value": str(tmp_path / "image.png")}, {"type": "text", "value": mcq_prompt(question)}]
-    expected = answer_messages(model.model, model.processor, [[image, mcq_prompt(question)]], max_new_tokens=4)
+    text = prompt_text(benchmark, question)
+    message = [{"type": "image", "value": str(tmp_path / "image.png")}, {"type": "text", "value": text}]
+    expected = answer_messages(model.model, model.processor, [[image, text]], max_new_tokens=4)
     assert model.generate_inner(message, dataset="Variants") == expected[0]
 
 

@@ -18,7 +18,7 @@ from PIL import Image
 from tests import vlmevalkit
 from tests.conftest import random_image
 from vlaflow.evaluation import exact_matching
-from vlaflow.evaluation.vqa import decode_image, prompt_message, read_benchmark, score_benchmark
+from vlaflow.evaluation.vqa import decode_image, read_benchmark, score_benchmark
 
 ROWS_PER_BENCHMARK = 260
 MODEL = "parity"
@@ -268,7 +268,7 @@ def test_every_prompt_is_vlmevalkits(parity_set):
         dataset = vlmevalkit_dataset(kit, name)
         for position, question in enumerate(benchmark.questions[:40]):
             theirs = dataset.build_prompt(dataset.data.iloc[position])
-            ours = prompt_message(name, question)
+            ours = benchmark.prompt(question)
             assert [part["type"] for part in ours] == [
                 part["type"] for part in theirs
             ], f"{name} index {question.index}"

@@ -49,6 +49,8 @@ def load() -> types.SimpleNamespace:
         matching=importlib.import_module("vlmeval.utils.matching_util"),
         multiple_choice=importlib.import_module("vlmeval.dataset.utils.multiple_choice"),
         image_mcq=importlib.import_module("vlmeval.dataset.image_mcq"),
+        image_yorn=importlib.import_module("vlmeval.dataset.image_yorn"),
+        yorn=importlib.import_module("vlmeval.dataset.utils.yorn"),
         smp=importlib.import_module("vlmeval.smp"),
         base=importlib.import_module("vlmeval.vlm.base"),
         inference=importlib.import_module("vlmeval.inference"),

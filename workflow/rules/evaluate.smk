@@ -37,7 +37,12 @@ rule eval_vqa:
             **{
                 key: config["evaluation"]["vqa"][key]
                 for key in ("batch_size", "max_new_tokens", "limit")
-            }
+            },
+            kinds=[
+                f"{name}={kind}"
+                for name, kind in config["evaluation"]["vqa"]["kinds"].items()
+            ]
+            or None,
         ),
     shell:
         "exec vlaflow eval vqa --model {input.model:q} --benchmarks {params.benchmarks:q} "

@@ -112,6 +112,7 @@ def _eval_vqa(args) -> None:
         batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens,
         limit=args.limit,
+        kinds=dict(args.kinds),
     )
     for name, result in summary.items():
         print(f"{name}: accuracy {result['overall']:.4f} over {result['total']} questions")
@@ -159,6 +160,14 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value}: must be at least 1")
     return value
+
+
+def benchmark_kind_declaration(text: str) -> tuple[str, str]:
+    """An argparse type: NAME=KIND."""
+    name, equals, kind = text.partition("=")
+    if not (name and equals and kind):
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAME=KIND, e.g. MyProbe=yes_or_no")
+    return name, kind
 
 
 def _image_size(text: str) -> tuple[int, int]:
@@ -292,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("eval", help="evaluate a trained model: VQA benchmarks, robot control")
     evaluations = evaluate.add_subparsers(dest="eval_command", required=True)
-    vqa = evaluations.add_parser("vqa", help="VLMEvalKit multiple-choice TSVs, answered by the VL expert")
+    vqa = evaluations.add_parser("vqa", help="VLMEvalKit benchmark TSVs, answered by the VL expert")
     vqa.add_argument("--model", type=Path, required=True)
     vqa.add_argument("--benchmarks", nargs="+", required=True, metavar="NAME", help="read from LMUDATA/<NAME>.tsv")
     vqa.add_argument("--lmudata", type=Path, required=True, help="VLMEvalKit's LMUData folder")
@@ -300,6 +309,14 @@ def build_parser() -> argparse.ArgumentParser:
     vqa.add_argument("--batch-size", type=positive_int, default=8)
     vqa.add_argument("--max-new-tokens", type=positive_int, default=16)
     vqa.add_argument("--limit", type=positive_int, help="only the first N questions of each benchmark")
+    vqa.add_argument(
+        "--kinds",
+        nargs="+",
+        type=benchmark_kind_declaration,
+        default=[],
+        metavar="NAME=KIND",
+        help="a benchmark's kind where its name does not imply it (multiple_choice, yes_or_no)",
+    )
     vqa.set_defaults(run=_eval_vqa)
 
     robot = evaluations.add_parser("robot", help="action-chunk error on held-out episodes; ALOHA closed loop")

@@ -73,6 +73,7 @@ def check_rules(config: dict, source: str = "config") -> dict[str, Stage]:
             f"({model['action_dim']}) equal to model.state_dim ({model['state_dim']})"
         )
     _check_sim_task(config, source)
+    _check_benchmark_kinds(config, source)
     return stage_table(config, source)
 
 
@@ -88,6 +89,21 @@ def _check_sim_task(config: dict, source: str) -> None:
         raise ConfigError(
             f"{source}: embedded.aloha_demos.task: {demos['task']!r} is not a simulator task ({', '.join(SIM_TASKS)})"
         )
+
+
+def _check_benchmark_kinds(config: dict, source: str) -> None:
+    from vlaflow.evaluation.benchmarks import BENCHMARK_KINDS
+
+    vqa = config["evaluation"]["vqa"]
+    for benchmark, kind in vqa["kinds"].items():
+        if benchmark not in vqa["benchmarks"]:
+            raise ConfigError(
+                f"{source}: evaluation.vqa.kinds: {benchmark!r} is not among evaluation.vqa.benchmarks {vqa['benchmarks']}"
+            )
+        if kind not in BENCHMARK_KINDS:
+            raise ConfigError(
+                f"{source}: evaluation.vqa.kinds.{benchmark}: {kind!r} is not a benchmark kind ({', '.join(BENCHMARK_KINDS)})"
+            )
 
 
 def stage_settings(config: dict, stage: str) -> dict:

@@ -27,15 +27,19 @@ What it reproduces:
 
 import string
 from collections import defaultdict
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from vlaflow.data.language import multiple_choice_prompt
+from vlaflow.errors import VlaflowError
+from vlaflow.evaluation.benchmark_kind import BenchmarkKind, Question, RowError, Scored
+
 OPTION_LETTERS = tuple(string.ascii_uppercase)
 NONE_OF_THE_OPTIONS = "Z"
 MMMU_OTHER_ANSWERS = "Other Answers"
+MMMU_IMAGE_PLACEHOLDER = "<image "
 API_FAILURE = "Failed to obtain answer via API"
 REFUSALS = (
     "Sorry, I can't help with images of people yet.",
@@ -119,34 +123,7 @@ def row_choices(row: pd.Series) -> dict:
     return {letter: row[letter] for letter in OPTION_LETTERS if letter in row and not pd.isna(row[letter])}
 
 
-# --- the prediction file ---
-
-
-def write_prediction_file(path: Path, rows: pd.DataFrame, predictions: list[str]) -> None:
-    """VLMEvalKit's `<model>_<NAME>.xlsx`: the benchmark's rows without their images, and the answers."""
-    frame = rows.drop(columns=["image"], errors="ignore").copy()
-    frame["prediction"] = [str(prediction) for prediction in predictions]
-    frame.to_excel(path, index=False, engine="xlsxwriter")
-
-
-def read_prediction_file(path: Path) -> pd.DataFrame:
-    """A prediction file as VLMEvalKit's `load` reads it (`.xlsx`, or `.tsv` when PRED_FORMAT=tsv)."""
-    path = Path(path)
-    return pd.read_csv(path, sep="\t") if path.suffix == ".tsv" else pd.read_excel(path)
-
-
 # --- scoring ---
-
-
-@dataclass(frozen=True)
-class Scored:
-    """The scored rows (one per question; for a circular benchmark one per rotated set, its main
-    row), with `GT`, `extracted` (the letter read, or "") and `hit` (1/0), VLMEvalKit's table, and
-    every prediction-file row with the letter read from it (all rotations, for a circular set)."""
-
-    rows: pd.DataFrame
-    table: list[dict]
-    answers: pd.DataFrame
 
 
 def score_predictions(predictions: pd.DataFrame, benchmark_rows: pd.DataFrame, benchmark: str) -> Scored:
@@ -223,16 +200,73 @@ def _mean(hits: pd.Series) -> float:
     return float(np.mean(hits)) if len(hits) else float("nan")
 
 
-def write_accuracy_table(path: Path, table: list[dict]) -> None:
-    """`<model>_<NAME>_acc.csv` as VLMEvalKit dumps it."""
-    pd.DataFrame(table).to_csv(path, index=False, encoding="utf-8", quoting=1)  # csv.QUOTE_ALL
+# --- the benchmark kind ---
 
 
-def pooled_accuracy(scored: pd.DataFrame) -> dict:
-    """vlaflow's own summary beside VLMEvalKit's table: accuracy over all scored rows and per split,
-    category and l2-category across splits."""
-    summary = {"overall": float(scored["hit"].mean()), "total": len(scored)}
-    for group in ("split", "category", "l2-category"):
-        if group in scored:
-            summary[group] = {str(name): float(hits.mean()) for name, hits in scored.groupby(group)["hit"]}
-    return summary
+class MultipleChoice(BenchmarkKind):
+    """VLMEvalKit's `ImageMCQDataset` (and `MMMUDataset` for a name containing "MMMU"): options in
+    letter columns, the prompt `ImageMCQDataset.build_prompt` writes, the rules above."""
+
+    name = "multiple_choice"
+    vlmevalkit_class = "ImageMCQDataset"
+
+    def check_rows(self, tsv_path: Path, benchmark: str, rows: pd.DataFrame) -> None:
+        for group in ("split", *TABLE_GROUPS):
+            missing = [index for index, cell in zip(rows["index"], rows[group]) if pd.isna(cell)] if group in rows else []
+            if missing:
+                raise VlaflowError(
+                    f"{tsv_path}: row index {missing[0]}: {group}: empty (VLMEvalKit's table needs a value in every row)"
+                )
+
+    def question(self, benchmark: str, row: pd.Series, images: tuple[str, ...], error: RowError) -> Question:
+        options = row_choices(row)
+        answer = row["answer"]
+        if pd.isna(answer):
+            raise error("answer", "empty")
+        choices = options
+        if is_mmmu(benchmark) and not is_circular(benchmark) and not options:
+            choices = {"A": answer, "B": MMMU_OTHER_ANSWERS}
+        if ground_truth(benchmark, answer) not in choices:
+            raise error("answer", f"{answer!r} is not the letter of one of the options {sorted(choices)}")
+        hint = row["hint"] if "hint" in row and not pd.isna(row["hint"]) else None
+        return Question(row["index"], images, row["question"], hint, options, ground_truth(benchmark, answer))
+
+    def prompt(self, benchmark: str, question: Question) -> list[dict]:
+        """`ImageMCQDataset.build_prompt`: the images, then the text; for MMMU the images go where the
+        question's `<image N>` placeholders put them (`MMMUDataset.split_MMMU`)."""
+        text = multiple_choice_prompt(question.question, question.options, question.hint)
+        message = [*question.image_parts(), {"type": "text", "value": text}]
+        return _interleave_mmmu(question, message) if is_mmmu(benchmark) else message
+
+    def score(self, benchmark: str, predictions: pd.DataFrame, rows: pd.DataFrame) -> Scored:
+        return score_predictions(predictions, rows, benchmark)
+
+    def chance(self, benchmark: str, questions: list[Question], rows: pd.DataFrame) -> float:
+        """A random choice among each question's options (MMMU's open question: A or B); a circular
+        benchmark's rotated set counts only if every rotation is guessed right."""
+        choice_counts = [len(question.options) or 2 for question in questions]
+        if not is_circular(benchmark):
+            return sum(1 / count for count in choice_counts) / len(questions)
+        odds = {}
+        for group, count in zip(circular_groups(rows), choice_counts):
+            odds[group] = odds.get(group, 1.0) / count
+        main = [question.index for question in questions if question.index in odds]
+        return sum(odds[index] for index in main) / len(main)
+
+
+def _interleave_mmmu(question: Question, message: list[dict]) -> list[dict]:
+    """`MMMUDataset.split_MMMU`: the text cut at each `<image N>`, image N put there (N is one digit)."""
+    images, text = question.images, message[-1]["value"]
+    segments = text.split(MMMU_IMAGE_PLACEHOLDER)
+    if len(segments) == 1:
+        return message
+    parts = [{"type": "text", "value": segments[0]}]
+    for segment in segments[1:]:
+        if not (segment[:1].isdigit() and segment[1:2] == ">" and 1 <= int(segment[0]) <= len(images)):
+            raise VlaflowError(
+                f"row index {question.index}: question: {MMMU_IMAGE_PLACEHOLDER}{segment[:3]!r} names no image "
+                f"of its {len(images)} (MMMU's placeholders are <image 1> to <image 9>)"
+            )
+        parts.append({"type": "image", "value": images[int(segment[0]) - 1]})
+        parts.append({"type": "text", "value": segment[2:]})
+    return parts
