@@ -29,7 +29,9 @@ def test_empty_config_gets_every_default():
 
 
 def test_stage_lists_and_mix_weight_default():
-    config = validate_config({"stages": {"stage2": {"from": "backbone", "mlp_init": True, "robot": ["a"], "mix": {"vl_ratio": 0.33}}}})
+    config = validate_config(
+        {"stages": {"stage2": {"from": "backbone", "mlp_init": True, "robot": ["a"], "mix": {"vl_ratio": 0.33}}}}
+    )
     assert config["stages"]["stage2"]["vl"] == [] and config["stages"]["stage2"]["freeze"] == []
     assert config["stages"]["stage2"]["moe"] is True
     assert config["stages"]["stage2"]["mix"] == {"vl_ratio": 0.33, "vl_loss_weight": 1.0}
@@ -119,10 +121,14 @@ def test_showcase_is_the_default_trained_longer_in_folders_of_its_own():
     assert showcase["results"] != shipped["results"] and showcase["data"]["root"] != shipped["data"]["root"]
     lmudata = [config["evaluation"]["vqa"]["lmudata"] for config in (showcase, shipped)]
     assert lmudata[0] != lmudata[1]
-    def arms(stages):
-        return {name: {key: value for key, value in row.items() if key != "training"} for name, row in stages.items()}
 
-    assert arms(showcase["stages"]) == arms(shipped["stages"])  # the same arms, only longer
+    def arms(stages):
+        return {
+            name: {key: value for key, value in row.items() if key not in ("training", "robot")}
+            for name, row in stages.items()
+        }
+
+    assert arms(showcase["stages"]) == arms(shipped["stages"])  # the same arms, only longer and on more tasks
     for name in showcase["stages"]:
         assert stage_settings(showcase, name)["max_steps"] > stage_settings(shipped, name)["max_steps"], name
     assert showcase["stages"]["baseline"]["training"] == showcase["stages"]["stage1"]["training"]
@@ -130,25 +136,19 @@ def test_showcase_is_the_default_trained_longer_in_folders_of_its_own():
     assert showcase["evaluation"]["robot"]["episodes"] > shipped["evaluation"]["robot"]["episodes"]
 
 
-def test_the_insertion_showcase_trains_and_evaluates_every_robot_arm_on_insertion():
-    """`--configfile config/config.yaml config/showcase.yaml config/showcase_insertion.yaml`."""
-    merged = yaml.safe_load(SHIPPED.read_text())
-    for name in ("showcase.yaml", "showcase_insertion.yaml"):
-        update_config(merged, yaml.safe_load(SHIPPED.with_name(name).read_text()))
-    insertion = validate_config(merged, source="showcase_insertion")
+def test_the_showcase_trains_and_evaluates_every_robot_arm_on_both_simulator_tasks():
     showcase = load_config(SHIPPED)
     update_config(showcase, yaml.safe_load(SHIPPED.with_name("showcase.yaml").read_text()))
-    demos = insertion["embedded"]["aloha_demos"]
-    assert (demos["task"], demos["dataset"], demos["episodes"]) == ("insertion", "aloha_sim_insertion", 30)
+    showcase = validate_config(showcase, source="showcase")
+    shipped = load_config(SHIPPED)
+    datasets = showcase["embedded"]["aloha_demos"]["datasets"]
+    assert datasets == {"aloha_sim_transfer_cube": "transfer_cube", "aloha_sim_insertion": "insertion"}
+    assert shipped["embedded"]["aloha_demos"]["datasets"] == {"aloha_sim_transfer_cube": "transfer_cube"}
     registry = yaml.safe_load((SHIPPED.parent / "datasets.yaml").read_text())
-    assert registry[demos["dataset"]]["kind"] == "robot"
-    robot_stages = [name for name, row in insertion["stages"].items() if row.get("robot")]
-    assert robot_stages == ["baseline", "stage1", "stage2"]
-    assert all(insertion["stages"][name]["robot"] == ["aloha_sim_insertion"] for name in robot_stages)
-    assert insertion["stages"]["stage2"]["mix"] == showcase["stages"]["stage2"]["mix"]  # only the robot data changes
-    for key in ("results",):
-        assert insertion[key] != showcase[key]
-    assert insertion["data"]["root"] != showcase["data"]["root"]
+    assert all(registry[name]["kind"] == "robot" and "val" in registry[name]["splits"] for name in datasets)
+    for name, row in showcase["stages"].items():
+        if shipped["stages"][name].get("robot"):
+            assert row["robot"] == list(datasets), name
 
 
 def test_published_recipe_is_valid_and_names_the_gpu_environment():

@@ -16,7 +16,7 @@ from PIL import Image
 from tests.conftest import random_image
 from tests.training_helpers import ALOHA_HEAD, train_on_sim_demos
 from vlaflow.data.episode_format import ACTION, QPOS
-from vlaflow.data.language import TRANSFER_CUBE_INSTRUCTION
+from vlaflow.data.language import INSERTION_INSTRUCTION, TRANSFER_CUBE_INSTRUCTION
 from vlaflow.data.stats import NormStats
 from vlaflow.errors import VlaflowError
 from vlaflow.evaluation.metrics import METRICS_FILE, read_metrics
@@ -29,7 +29,7 @@ from vlaflow.evaluation.robot import (
     TemporalEnsemble,
     evaluate_closed_loop,
     evaluate_open_loop,
-    simulation_setup,
+    simulation_setups,
 )
 from vlaflow.sim.aloha import EPISODE_LENGTH, MAX_REWARD
 from vlaflow.sim.demos import record_demos
@@ -39,13 +39,14 @@ from vlaflow.training.run import train
 DEMO_SIZE = (48, 64)  # (height, width) the demos are rendered at
 IMAGE_SIZE = [32, 40]  # what the model sees
 ALOHA = ALOHA_HEAD
+CUBE_RESULT, CUBE_ROLLOUT = (name.format(task="transfer_cube") for name in (CLOSED_LOOP_FILE, ROLLOUT_FILE))
 
 
 @pytest.fixture(scope="module")
 def trained_model(tiny_backbone, mlp_weights, tmp_path_factory):
     root = tmp_path_factory.mktemp("eval_robot")
     record_demos(root / "data" / "cube", 2, height=DEMO_SIZE[0], width=DEMO_SIZE[1], shadows=False, workers=2)
-    return train_on_sim_demos(root, "cube", tiny_backbone, mlp_weights, image_size=IMAGE_SIZE)
+    return train_on_sim_demos(root, ["cube"], tiny_backbone, mlp_weights, image_size=IMAGE_SIZE)
 
 
 def assert_errors_well_formed(result: dict) -> None:
@@ -121,8 +122,10 @@ def test_open_loop_with_a_limit_spreads_its_samples_and_repeats_with_its_seed(tr
 
 
 def test_closed_loop_runs_seeded_episodes_and_records_the_first(trained_model, tmp_path):
-    result = evaluate_closed_loop(trained_model, tmp_path, episodes=1, seed=3, max_steps=40, video_size=(120, 176))
-    assert json.loads((tmp_path / CLOSED_LOOP_FILE).read_text()) == result
+    results = evaluate_closed_loop(trained_model, tmp_path, episodes=1, seed=3, max_steps=40, video_size=(120, 176))
+    result = results["transfer_cube"]
+    assert list(results) == ["transfer_cube"] and result["task"] == "transfer_cube"
+    assert json.loads((tmp_path / CUBE_RESULT).read_text()) == result
     assert result["episodes"] == 1 and result["seeds"] == [3] and not result["temporal_ensemble"]
     assert 0 <= result["success_rate"] <= 1 and 0 <= result["mean_max_reward"] <= MAX_REWARD
     assert result["max_rewards"] == [result["mean_max_reward"]]
@@ -138,7 +141,7 @@ def test_closed_loop_runs_seeded_episodes_and_records_the_first(trained_model, t
             "episodes": 1.0,
         }
     }
-    with Image.open(tmp_path / ROLLOUT_FILE) as gif:  # at its own size, not the policy's camera's
+    with Image.open(tmp_path / CUBE_ROLLOUT) as gif:  # at its own size, not the policy's camera's
         assert gif.format == "GIF" and gif.size == (176, 120)
         assert 3 <= gif.n_frames <= math.ceil(result["steps"][0] / GIF_FRAME_STRIDE)
         gif.seek(gif.n_frames - 1)
@@ -165,10 +168,10 @@ def test_the_policy_is_queried_every_query_every_steps(
         return predict(policy, images, states, instructions)
 
     monkeypatch.setattr(Policy, "predict", counted)
-    result = evaluate_closed_loop(
+    (result,) = evaluate_closed_loop(
         trained_model, tmp_path, episodes=1, max_steps=12, temporal_ensemble=temporal_ensemble,
         query_every=query_every,
-    )  # fmt: skip
+    ).values()  # fmt: skip
     assert result["steps"] == [12] and len(calls) == queries
     assert result["query_every"] == (query_every or (1 if temporal_ensemble else ALOHA["chunk_size"]))
     assert not np.array_equal(calls[0], calls[-1])  # each query sees the robot where it is by then
@@ -177,16 +180,16 @@ def test_the_policy_is_queried_every_query_every_steps(
 def test_a_query_interval_longer_than_the_chunk_is_an_error(trained_model, tmp_path):
     with pytest.raises(VlaflowError, match="query every 11 steps: the model predicts 10-step chunks"):
         evaluate_closed_loop(trained_model, tmp_path, episodes=1, query_every=11)
-    assert not (tmp_path / CLOSED_LOOP_FILE).exists()
+    assert not (tmp_path / CUBE_RESULT).exists()
 
 
 def test_closed_loop_with_temporal_ensembling_beside_an_open_loop_result(trained_model, tmp_path):
     (tmp_path / OPEN_LOOP_FILE).write_text("{}")  # the two evaluations share an output folder
-    result = evaluate_closed_loop(
+    (result,) = evaluate_closed_loop(
         trained_model, tmp_path, episodes=2, max_steps=4, temporal_ensemble=True, video_size=None
-    )
+    ).values()
     assert result["temporal_ensemble"] and result["seeds"] == [1000, 1001] and result["steps"] == [4, 4]
-    assert not (tmp_path / ROLLOUT_FILE).exists()
+    assert not (tmp_path / CUBE_ROLLOUT).exists()
     assert json.loads((tmp_path / OPEN_LOOP_FILE).read_text()) == {}
 
 
@@ -203,15 +206,18 @@ def test_temporal_ensemble_weights_the_oldest_prediction_most():
 
 def test_simulation_follows_the_training_demos_or_falls_back_without_them(trained_model, tmp_path):
     policy = Policy(trained_model)
-    assert (simulation_setup(policy).render_size, simulation_setup(policy).shadows) == (DEMO_SIZE, False)
-    assert simulation_setup(policy, (60, 80)).render_size == (60, 80)
+    (setup,) = simulation_setups(policy)
+    assert (setup.task.name, setup.render_size, setup.shadows) == ("transfer_cube", DEMO_SIZE, False)
+    assert [setup.render_size for setup in simulation_setups(policy, (60, 80))] == [(60, 80)]
+    (other,) = simulation_setups(policy, task="insertion")  # a task the demos do not show: its own instruction
+    assert (other.task.name, other.instruction, other.render_size) == ("insertion", INSERTION_INSTRUCTION, DEMO_SIZE)
 
     moved = tmp_path / "model"
     shutil.copytree(trained_model, moved)
     config = yaml.safe_load((moved / CONFIG_FILE).read_text())
     config["data"]["registry"] = str(tmp_path / "gone.yaml")
     (moved / CONFIG_FILE).write_text(yaml.safe_dump(config))
-    setup = simulation_setup(Policy(moved))
+    (setup,) = simulation_setups(Policy(moved))
     assert (setup.camera, setup.render_size, setup.instruction) == ("top", tuple(IMAGE_SIZE), TRANSFER_CUBE_INSTRUCTION)
     assert setup.shadows  # as the stock simulator renders
 
@@ -225,8 +231,8 @@ def test_a_model_without_normalisation_statistics_is_refused(vla_folder, tmp_pat
 
 
 def test_an_existing_result_is_never_overwritten(trained_model, tmp_path):
-    (tmp_path / CLOSED_LOOP_FILE).write_text("{}")
-    with pytest.raises(VlaflowError, match="closed_loop.json: already exists"):
+    (tmp_path / CUBE_RESULT).write_text("{}")
+    with pytest.raises(VlaflowError, match="closed_loop_transfer_cube.json: already exists"):
         evaluate_closed_loop(trained_model, tmp_path)
 
 

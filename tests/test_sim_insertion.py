@@ -1,6 +1,6 @@
 """A second simulator task through the registry (vlaflow.sim.tasks): gym-aloha's insertion, from
-scripted demonstrations through training to closed-loop evaluation, with nothing task-specific
-outside its registry entry, its task classes and its plan."""
+scripted demonstrations through training, beside transfer cube, to one closed-loop evaluation per
+task, with nothing task-specific outside its registry entry, its task classes and its plan."""
 
 import json
 
@@ -11,11 +11,11 @@ import pytest
 from tests.training_helpers import train_on_sim_demos
 from vlaflow.config import ConfigError, validate_config
 from vlaflow.data import episode_format
-from vlaflow.data.language import INSERTION_INSTRUCTION, INSERTION_REASONING
+from vlaflow.data.language import INSERTION_INSTRUCTION, INSERTION_REASONING, TRANSFER_CUBE_INSTRUCTION
 from vlaflow.errors import VlaflowError
 from vlaflow.evaluation.metrics import METRICS_FILE, read_metrics
 from vlaflow.evaluation.policy import Policy
-from vlaflow.evaluation.robot import CLOSED_LOOP_FILE, evaluate_closed_loop, simulation_setup
+from vlaflow.evaluation.robot import CLOSED_LOOP_FILE, evaluate_closed_loop, simulation_setups
 from vlaflow.sim.aloha import EPISODE_LENGTH, MAX_REWARD, AlohaSim
 from vlaflow.sim.demos import SUMMARY_FILE, record_demos
 from vlaflow.sim.scripted import INSERTION_DEPTH, INSERTION_MEET_XYZ, insertion_actions
@@ -64,21 +64,25 @@ def test_the_insertion_scene_places_peg_and_socket_by_seed():
 
 
 def test_a_config_naming_an_unknown_task_is_refused_naming_the_key():
-    config = {"embedded": {"aloha_demos": {"task": "insertoin"}}}
-    with pytest.raises(ConfigError, match=r"cfg: embedded\.aloha_demos\.task: 'insertoin' is not a simulator task"):
+    config = {"embedded": {"aloha_demos": {"datasets": {"cube": "transfer_cube", "peg": "insertoin"}}}}
+    with pytest.raises(
+        ConfigError, match=r"cfg: embedded\.aloha_demos\.datasets\.peg: 'insertoin' is not a simulator task"
+    ):
         validate_config(config, "cfg")
 
 
 @pytest.fixture(scope="module")
 def insertion_run(tiny_backbone, mlp_weights, tmp_path_factory):
+    """Demonstrations of both tasks, a model trained on both, and its closed loops."""
     root = tmp_path_factory.mktemp("insertion")
     folder = root / "data" / "peg"
     report = record_demos(folder, 2, height=HEIGHT, width=WIDTH, shadows=False, workers=2, task="insertion")
-    model = train_on_sim_demos(root, "peg", tiny_backbone, mlp_weights)
+    record_demos(root / "data" / "cube", 2, height=HEIGHT, width=WIDTH, shadows=False, workers=2)
+    model = train_on_sim_demos(root, ["peg", "cube"], tiny_backbone, mlp_weights)
     out = root / "eval"
     out.mkdir()
-    result = evaluate_closed_loop(model, out, episodes=1, max_steps=12, video_size=None)
-    return folder, report, result, out, model
+    results = evaluate_closed_loop(model, out, episodes=1, max_steps=12, video_size=None)
+    return folder, report, results, out, model
 
 
 @pytest.mark.slow
@@ -97,19 +101,28 @@ def test_insertion_demos_record_their_task_instruction_and_phases(insertion_run)
 
 
 @pytest.mark.slow
-def test_closed_loop_runs_the_task_the_model_was_trained_on(insertion_run):
-    _, _, result, out, _ = insertion_run
-    assert json.loads((out / CLOSED_LOOP_FILE).read_text()) == result
-    assert (result["task"], result["instruction"]) == ("insertion", INSERTION_INSTRUCTION)
-    assert result["episodes"] == 1 and result["steps"] == [12] and 0 <= result["max_rewards"][0] <= MAX_REWARD
-    assert read_metrics(out / METRICS_FILE)["closed loop (insertion)"]["success rate"] == result["success_rate"]
+def test_closed_loop_runs_each_task_the_model_was_trained_on(insertion_run):
+    _, _, results, out, _ = insertion_run
+    assert list(results) == ["insertion", "transfer_cube"]  # in the order of the training datasets
+    for task, instruction in (("insertion", INSERTION_INSTRUCTION), ("transfer_cube", TRANSFER_CUBE_INSTRUCTION)):
+        result = results[task]
+        assert json.loads((out / CLOSED_LOOP_FILE.format(task=task)).read_text()) == result
+        assert (result["task"], result["instruction"]) == (task, instruction)
+        assert result["episodes"] == 1 and result["steps"] == [12] and 0 <= result["max_rewards"][0] <= MAX_REWARD
+        assert read_metrics(out / METRICS_FILE)[f"closed loop ({task})"]["success rate"] == result["success_rate"]
 
 
 @pytest.mark.slow
-def test_a_task_named_at_evaluation_replaces_the_recorded_one(insertion_run):
+def test_a_task_named_at_evaluation_is_the_only_one_run(insertion_run, tmp_path):
     *_, model = insertion_run
     policy = Policy(model, seed=0)
-    assert simulation_setup(policy).task is sim_task("insertion")
-    assert simulation_setup(policy, task="transfer_cube").task is sim_task("transfer_cube")
+    assert [setup.task.name for setup in simulation_setups(policy)] == ["insertion", "transfer_cube"]
+    (setup,) = simulation_setups(policy, task="transfer_cube")
+    assert (setup.task, setup.instruction) == (sim_task("transfer_cube"), TRANSFER_CUBE_INSTRUCTION)
     with pytest.raises(VlaflowError, match="simulator task 'cube': unknown"):
-        simulation_setup(policy, task="cube")
+        simulation_setups(policy, task="cube")
+    results = evaluate_closed_loop(model, tmp_path, episodes=1, max_steps=2, video_size=(48, 64), task="insertion")
+    assert list(results) == ["insertion"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == [
+        CLOSED_LOOP_FILE.format(task="insertion"), METRICS_FILE, "rollout_insertion.gif"
+    ]  # fmt: skip

@@ -46,7 +46,7 @@ def test_the_embedded_default_runs_as_slurm_jobs(cluster, tmp_path):
         assert (results / "models" / stage / "model.safetensors").is_file()
         assert (results / "eval" / stage / "vqa" / "vqa_summary.json").is_file()
     for stage in ("baseline", "stage1", "stage2"):
-        for name in ("open_loop.json", "closed_loop.json", "rollout.gif"):
+        for name in ("open_loop.json", "closed_loop_transfer_cube.json", "rollout_transfer_cube.gif"):
             assert (results / "eval" / stage / "robot" / name).is_file(), (stage, name)
     assert (results / "report" / "report.html").is_file()
     # Each job's own log (kept by the test profile) shows the rule ran inside it.

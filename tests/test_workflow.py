@@ -13,7 +13,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from tests.workflow_helpers import planned_jobs, snakemake, start_snakemake, tiny_workflow
+from tests.workflow_helpers import embedded_workflow, planned_jobs, snakemake, start_snakemake, tiny_workflow
 from vlaflow.training.checkpoints import COMPLETE_MARKER, METRICS_FILE
 
 pytestmark = pytest.mark.slow
@@ -185,7 +185,7 @@ def test_a_hostile_backbone_source_is_refused_as_it_is_never_run(tmp_path):
     [
         ("evaluation__vqa__benchmarks", ["EasyVQA; touch PWNED"]),
         ("embedded__easy_vqa", {"dataset": "$(touch PWNED)"}),
-        ("embedded__aloha_demos", {"dataset": "../elsewhere"}),
+        ("embedded__aloha_demos", {"datasets": {"../elsewhere": "transfer_cube"}}),
     ],
 )
 def test_names_that_become_file_names_are_refused_unless_plain(tmp_path, key, value):
@@ -297,3 +297,25 @@ def test_a_configfile_stands_alone_and_config_overrides_reach_the_commands(tmp_p
     assert resolved["training"] == {**settings["training"], **resolved["training"]}  # the file's, defaults added
     assert f"train --config {elsewhere / 'config.yaml'} --stage stage1 " in plan.stdout
     assert not (tmp_path / "results").exists()
+
+
+def test_each_simulator_dataset_is_recorded_with_its_task_for_the_stages_that_read_it(tmp_path):
+    """config/showcase.yaml's layout: two demonstration sets, each robot arm trained on both."""
+    config_path = embedded_workflow(tmp_path)
+    config = yaml.safe_load(config_path.read_text())
+    datasets = {"aloha_sim_transfer_cube": "transfer_cube", "aloha_sim_insertion": "insertion"}
+    config["embedded"]["aloha_demos"]["datasets"] = datasets
+    for stage in ("baseline", "stage1", "stage2"):
+        config["stages"][stage]["robot"] = list(datasets)
+    config_path.write_text(yaml.safe_dump(config))
+    plan = snakemake(tmp_path, "-n", "--printshellcmds", "--cores", "2", "stage1")
+    assert plan.returncode == 0, plan.stderr[-3000:]
+    assert planned_jobs(plan)["aloha_demos"] == 2
+    data = tmp_path / "resources" / "data"
+    for name, task in datasets.items():
+        assert f"vlaflow data aloha-demos {data / name} --task {task} " in plan.stdout
+    (stage1,) = [
+        block for block in plan.stdout.split("rule ") if block.startswith("train:") and "stage=stage1" in block
+    ]
+    inputs = next(line for line in stage1.splitlines() if line.strip().startswith("input:"))
+    assert all(str(data / name) in inputs for name in datasets), stage1

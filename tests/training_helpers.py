@@ -53,21 +53,22 @@ def training_config(path: Path, root: Path, *, training: dict | None = None, sta
 ALOHA_HEAD = dict(action_dim=14, state_dim=14, chunk_size=10)
 
 
-def train_on_sim_demos(root: Path, dataset: str, backbone: Path, mlp_weights: Path, image_size=(32, 40)) -> Path:
+def train_on_sim_demos(root: Path, datasets: list[str], backbone: Path, mlp_weights: Path, image_size=(32, 40)) -> Path:
     """Stage 1, 5 steps, of the tiny model with ALOHA's dimensions on recorded simulator demos in
-    `root/data/<dataset>` (their second episode held out as `val`); the trained model folder."""
+    `root/data/<dataset>` for each of `datasets` (their second episode held out as `val`); the
+    trained model folder."""
     from vlaflow.backbone.vla_config import make_vla_folder
     from vlaflow.training.run import train
 
     data = root / "data"
     split = {"val": ["episode_0001.hdf5"]}
-    registry = {dataset: {"kind": "robot", "path": dataset, "cameras": ["top"], "splits": split}}
+    registry = {name: {"kind": "robot", "path": name, "cameras": ["top"], "splits": split} for name in datasets}
     (data / "datasets.yaml").write_text(yaml.safe_dump(registry))
     config_path = training_config(
         root / "config.yaml",
         data,
         training={"max_steps": 5, "save_steps": 5},
-        stages={"stage1": data_stage(robot=[dataset], freeze=["vl_expert"])},
+        stages={"stage1": data_stage(robot=list(datasets), freeze=["vl_expert"])},
     )
     config = yaml.safe_load(config_path.read_text())
     config["model"] = ALOHA_HEAD

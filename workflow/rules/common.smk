@@ -1,6 +1,7 @@
 # Configuration checks and the helpers every phase uses.
 import json
 import os
+import re
 
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
@@ -81,15 +82,21 @@ def cli_options(**options):
 
 def embedded_data(stage):
     """The data folders the workflow builds and this stage reads (for the order of the jobs)."""
+    built = {"robot": sim_datasets(), "vl": []}
+    if embedded("easy_vqa"):
+        built["vl"].append(embedded("easy_vqa")["dataset"])
     folders = []
-    for name, kind in (("aloha_demos", "robot"), ("easy_vqa", "vl")):
-        settings = embedded(name)
-        listed = config["stages"][stage].get(kind, [])
-        if settings and any(
-            spec.split("%")[0] in (settings["dataset"], "all") for spec in listed
-        ):
-            folders.append(f"{DATA_ROOT}/{settings['dataset']}")
+    for kind, datasets in built.items():
+        listed = {spec.split("%")[0] for spec in config["stages"][stage].get(kind, [])}
+        folders += [
+            f"{DATA_ROOT}/{name}" for name in datasets if {name, "all"} & listed
+        ]
     return folders
+
+
+def sim_datasets():
+    """The simulator demonstration sets the workflow records: registry name -> task."""
+    return embedded("aloha_demos")["datasets"] if embedded("aloha_demos") else {}
 
 
 def fingerprint(*keys, stage=None):

@@ -1,5 +1,5 @@
-# The embedded default's data (easy-vqa, ALOHA simulator demonstrations) and the check of every
-# dataset the config uses, which runs before any training.
+# The embedded default's data (easy-vqa, ALOHA simulator demonstrations, one set per dataset and
+# task) and the check of every dataset the config uses, which runs before any training.
 LMUDATA = config["evaluation"]["vqa"]["lmudata"]
 
 
@@ -32,15 +32,17 @@ if embedded("easy_vqa"):
             "exec vlaflow data easy-vqa {output.train:q} {output.benchmark:q} {params.options:q} > {log:q} 2>&1"
 
 
-if embedded("aloha_demos"):
+if sim_datasets():
 
     rule aloha_demos:
         output:
-            directory(f"{DATA_ROOT}/{embedded('aloha_demos')['dataset']}"),
+            directory(f"{DATA_ROOT}/{{sim_dataset}}"),
         log:
-            f"{LOGS}/aloha_demos.log",
+            f"{LOGS}/aloha_demos_{{sim_dataset}}.log",
         benchmark:
-            f"{BENCHMARKS}/aloha_demos.tsv"
+            f"{BENCHMARKS}/aloha_demos_{{sim_dataset}}.tsv"
+        wildcard_constraints:
+            sim_dataset="|".join(re.escape(name) for name in sim_datasets()),
         conda:
             ENV
         container:
@@ -48,17 +50,11 @@ if embedded("aloha_demos"):
         threads: DEMO_THREADS
         params:
             options=lambda w: cli_options(
+                task=sim_datasets()[w.sim_dataset],
                 **{
                     key: embedded("aloha_demos")[key]
-                    for key in (
-                        "task",
-                        "episodes",
-                        "height",
-                        "width",
-                        "seed",
-                        "shadows",
-                    )
-                }
+                    for key in ("episodes", "height", "width", "seed", "shadows")
+                },
             ),
         shell:
             "exec vlaflow data aloha-demos {output:q} {params.options:q} --workers {threads} > {log:q} 2>&1"

@@ -322,7 +322,10 @@ def build_parser() -> argparse.ArgumentParser:
     robot = evaluations.add_parser("robot", help="action-chunk error on held-out episodes; ALOHA closed loop")
     robot.add_argument("--model", type=Path, required=True)
     robot.add_argument(
-        "--out", type=Path, required=True, help="folder for open_loop.json, closed_loop.json, rollout.gif"
+        "--out",
+        type=Path,
+        required=True,
+        help="folder for open_loop.json and, per simulator task, closed_loop_<task>.json and rollout_<task>.gif",
     )
     robot.add_argument("--open-loop", action=argparse.BooleanOptionalAction, default=True)
     robot.add_argument("--split", default="val", help="the registry split of held-out episodes")
@@ -345,9 +348,9 @@ def build_parser() -> argparse.ArgumentParser:
         nargs=2,
         default=(240, 320),
         metavar=("HEIGHT", "WIDTH"),
-        help="size of the first rollout's video, rollout.gif",
+        help="size of the first rollout's video, rollout_<task>.gif",
     )
-    robot.add_argument("--task", help="simulator task (default: the one the training demonstrations show)")
+    robot.add_argument("--task", help="one simulator task (default: each one the training demonstrations show)")
     robot.set_defaults(run=_eval_robot)
 
     report = commands.add_parser("report", help="one page on a run: losses, evaluations, the forgetting table")

@@ -85,10 +85,12 @@ def _check_sim_task(config: dict, source: str) -> None:
         from vlaflow.sim.tasks import SIM_TASKS
     except ImportError:  # without the simulator extra the demonstrations cannot be recorded at all
         return
-    if demos["task"] not in SIM_TASKS:
-        raise ConfigError(
-            f"{source}: embedded.aloha_demos.task: {demos['task']!r} is not a simulator task ({', '.join(SIM_TASKS)})"
-        )
+    for dataset, task in demos["datasets"].items():
+        if task not in SIM_TASKS:
+            raise ConfigError(
+                f"{source}: embedded.aloha_demos.datasets.{dataset}: {task!r} is not a simulator task "
+                f"({', '.join(SIM_TASKS)})"
+            )
 
 
 def _check_benchmark_kinds(config: dict, source: str) -> None:

@@ -2,8 +2,8 @@
 table, which lines up VQA accuracy (beside chance) and robot metrics (beside two trivial policies)
 after each stage (also as `forgetting.csv`), a plot of VQA accuracy against robot error per arm,
 the evaluation tables (each evaluation's generic `metrics.json`, laid out without knowing the
-evaluation), loss curves per stage and a rollout of each policy. It shows what was
-measured; a stage that was not evaluated on something shows a dash."""
+evaluation), loss curves per stage and the first rollout of each policy on each simulator task.
+It shows what was measured; a stage that was not evaluated on something shows a dash."""
 
 import html
 import json
@@ -22,8 +22,13 @@ from vlaflow.training.checkpoints import METRICS_FILE
 
 VQA_SUMMARY = "vqa_summary.json"
 OPEN_LOOP = "open_loop.json"
-CLOSED_LOOP = "closed_loop.json"
-ROLLOUT = "rollout.gif"
+CLOSED_LOOP = "closed_loop_{task}.json"
+ROLLOUT = "rollout_{task}.gif"
+# Written before one closed loop per task: of the task the result names, else of LEGACY_TASK, the
+# only task then.
+LEGACY_CLOSED_LOOP = "closed_loop.json"
+LEGACY_ROLLOUT = "rollout.gif"
+LEGACY_TASK = "transfer_cube"
 SKILL_PLOT = "vqa_vs_robot_error.png"
 LOSS_PARTS = ("loss", "action_loss", "reasoning_loss", "vl_loss", "text_only_loss")
 DASH = "—"
@@ -44,6 +49,31 @@ class Run:
     def read(self, name: str) -> dict | None:
         path = self.find(name)
         return None if path is None else _read_json(path)
+
+    def _closed_loop_files(self) -> dict[str, Path]:
+        """Each task's closed-loop result, by task name in order, from the first folder holding one."""
+        prefix, suffix = CLOSED_LOOP.split("{task}")
+        files = {}
+        for folder in self.evaluations:
+            for path in sorted(folder.glob(CLOSED_LOOP.format(task="*"))):
+                files.setdefault(path.name.removeprefix(prefix).removesuffix(suffix), path)
+            legacy = folder / LEGACY_CLOSED_LOOP
+            if legacy.is_file():
+                files.setdefault(_read_json(legacy).get("task", LEGACY_TASK), legacy)
+        return dict(sorted(files.items()))
+
+    def closed_loops(self) -> dict[str, dict]:
+        """The closed-loop results by task, in order of task name."""
+        return {task: _read_json(path) for task, path in self._closed_loop_files().items()}
+
+    def rollout(self, task: str) -> Path | None:
+        """The video of a task's first closed-loop episode, from the folder of the result it belongs
+        to, so that the result can describe it; None where videos were off."""
+        result = self._closed_loop_files().get(task)
+        if result is None:
+            return None
+        video = result.parent / (LEGACY_ROLLOUT if result.name == LEGACY_CLOSED_LOOP else ROLLOUT.format(task=task))
+        return video if video.exists() else None
 
     def metrics(self) -> dict[str, dict[str, float]]:
         """Every evaluation's generic metrics (`metrics.json` of each evaluation folder)."""
@@ -119,26 +149,30 @@ def _chance(runs: list[Run], benchmark: str) -> float | None:
     )
 
 
+def _tasks(runs: list[Run]) -> list[str]:
+    """The simulator tasks any run was evaluated on in closed loop."""
+    return sorted({task for run in runs for task in run.closed_loops()})
+
+
 def forgetting_table(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
-    benchmarks = _benchmarks(runs)
+    benchmarks, tasks = _benchmarks(runs), _tasks(runs)
     header = ["after", *[f"{name} accuracy" for name in benchmarks]]
-    header += ["open-loop MSE", "hold state", "mean action", "open-loop L1", "success rate", "mean max reward"]
+    header += ["open-loop MSE", "hold state", "mean action", "open-loop L1"]
+    header += [f"{task} {measure}" for task in tasks for measure in ("success rate", "mean max reward")]
     rows = []
     for run in runs:
-        vqa, open_loop, closed_loop = (
-            run.read(VQA_SUMMARY) or {},
-            run.read(OPEN_LOOP) or {},
-            run.read(CLOSED_LOOP) or {},
-        )
+        vqa, open_loop, closed_loops = run.read(VQA_SUMMARY) or {}, run.read(OPEN_LOOP) or {}, run.closed_loops()
         row = [run.label, *[_percent(vqa.get(name, {}).get("overall")) for name in benchmarks]]
         row += [_number(open_loop.get("mse"), 4)]
         row += [_number(_reference_mse(open_loop, policy), 4) for policy in ("hold_state", "mean_action")]
         row += [_number(open_loop.get("l1"), 4)]
-        row += [_percent(closed_loop.get("success_rate")), _number(closed_loop.get("mean_max_reward"), 2)]
+        for task in tasks:
+            closed_loop = closed_loops.get(task, {})
+            row += [_percent(closed_loop.get("success_rate")), _number(closed_loop.get("mean_max_reward"), 2)]
         rows.append(row)
     chances = [_chance(runs, name) for name in benchmarks]
     if any(chance is not None for chance in chances):
-        rows.append(["chance", *map(_percent, chances), *[DASH] * 6])
+        rows.append(["chance", *map(_percent, chances), *[DASH] * (len(header) - 1 - len(benchmarks))])
     return header, rows
 
 
@@ -194,25 +228,27 @@ FORGETTING_CSV_COLUMNS = (
     "open_loop_mse",
     "open_loop_mse_hold",
     "open_loop_mse_mean",
-    "success_rate",
-    "mean_max_reward",
 )
 
 
 def forgetting_csv(runs: list[Run]) -> str:
     """The forgetting table for machines: accuracies and rates as fractions, an empty cell where
-    nothing was measured; `vqa_accuracy` is the mean overall accuracy of the run's benchmarks."""
-    lines = [",".join(FORGETTING_CSV_COLUMNS)]
+    nothing was measured; `vqa_accuracy` is the mean overall accuracy of the run's benchmarks, then
+    `success_rate_<task>` and `mean_max_reward_<task>` for each simulator task, in order of name."""
+    tasks = _tasks(runs)
+    task_columns = [f"{measure}_{task}" for task in tasks for measure in ("success_rate", "mean_max_reward")]
+    lines = [",".join([*FORGETTING_CSV_COLUMNS, *task_columns])]
     for run in runs:
-        open_loop, closed_loop = run.read(OPEN_LOOP) or {}, run.read(CLOSED_LOOP) or {}
-        values = (
+        open_loop, closed_loops = run.read(OPEN_LOOP) or {}, run.closed_loops()
+        values = [
             _mean_accuracy(run),
             open_loop.get("mse"),
             _reference_mse(open_loop, "hold_state"),
             _reference_mse(open_loop, "mean_action"),
-            closed_loop.get("success_rate"),
-            closed_loop.get("mean_max_reward"),
-        )
+        ]
+        for task in tasks:
+            closed_loop = closed_loops.get(task, {})
+            values += [closed_loop.get("success_rate"), closed_loop.get("mean_max_reward")]
         lines.append(",".join([run.label, *("" if value is None else repr(float(value)) for value in values)]))
     return "\n".join(lines) + "\n"
 
@@ -249,24 +285,33 @@ def _top_reward(closed_loop: dict) -> int:
 
 
 def closed_loop_detail(runs: list[Run]) -> list[tuple[str, list[str], list[list[str]]]]:
-    """The closed-loop results with their spread: the success rate's 95% interval, the mean max
-    reward's standard error, and how many episodes ended at each reward level."""
-    loops = [(run.label, loop) for run in runs if (loop := run.read(CLOSED_LOOP))]
-    if not loops:
-        return []
-    top = max(_top_reward(loop) for _, loop in loops)
-    levels = " / ".join(map(str, range(top + 1)))
-    header = ["", "episodes", "success rate (95% interval)", "mean max reward ± s.e.", f"episodes by max reward {levels}"]
-    rows = []
-    for label, loop in loops:
-        rewards = loop["max_rewards"]
-        low, high = _wilson_interval(round(loop["success_rate"] * len(rewards)), len(rewards))
-        spread = statistics.stdev(rewards) / math.sqrt(len(rewards)) if len(rewards) > 1 else None
-        row = [label, str(len(rewards)), f"{_percent(loop['success_rate'])} ({_percent(low)}–{_percent(high)})"]
-        row.append(_number(loop["mean_max_reward"], 2) + (f" ± {_number(spread, 2)}" if spread is not None else ""))
-        row.append(" / ".join(str(rewards.count(level)) for level in range(top + 1)))
-        rows.append(row)
-    return [("Closed loop", header, rows)]
+    """One table per simulator task of the closed-loop results with their spread: the success
+    rate's 95% interval, the mean max reward's standard error, and how many episodes ended at each
+    reward level."""
+    closed_loops = {run.label: run.closed_loops() for run in runs}
+    tables = []
+    for task in _tasks(runs):
+        loops = [(label, by_task[task]) for label, by_task in closed_loops.items() if task in by_task]
+        top = max(_top_reward(loop) for _, loop in loops)
+        levels = " / ".join(map(str, range(top + 1)))
+        header = [
+            "",
+            "episodes",
+            "success rate (95% interval)",
+            "mean max reward ± s.e.",
+            f"episodes by max reward {levels}",
+        ]
+        rows = []
+        for label, loop in loops:
+            rewards = loop["max_rewards"]
+            low, high = _wilson_interval(round(loop["success_rate"] * len(rewards)), len(rewards))
+            spread = statistics.stdev(rewards) / math.sqrt(len(rewards)) if len(rewards) > 1 else None
+            row = [label, str(len(rewards)), f"{_percent(loop['success_rate'])} ({_percent(low)}–{_percent(high)})"]
+            row.append(_number(loop["mean_max_reward"], 2) + (f" ± {_number(spread, 2)}" if spread is not None else ""))
+            row.append(" / ".join(str(rewards.count(level)) for level in range(top + 1)))
+            rows.append(row)
+        tables.append((f"Closed loop ({task})", header, rows))
+    return tables
 
 
 def _markdown_table(header: list[str], rows: list[list[str]]) -> str:
@@ -299,10 +344,11 @@ def write_report(runs: list[Run], out: Path, title: str = "vlaflow run") -> Path
                 name = f"loss_{run.label}.png"
                 if plot_losses(metrics, staging / name, f"{run.label}: training losses"):
                     curves.append((run.label, name))
-            if run.find(ROLLOUT) is not None:
-                name = f"rollout_{run.label}.gif"
-                shutil.copyfile(run.find(ROLLOUT), staging / name)
-                rollouts.append((run.label, name, run.read(CLOSED_LOOP) or {}))
+            for task, closed_loop in run.closed_loops().items():
+                if (video := run.rollout(task)) is not None:
+                    name = f"rollout_{run.label}_{task}.gif"
+                    shutil.copyfile(video, staging / name)
+                    rollouts.append((run.label, task, name, closed_loop))
         header, rows = forgetting_table(runs)
         details = closed_loop_detail(runs) + metrics_detail(runs)
         skill = SKILL_PLOT if plot_skill(runs, staging / SKILL_PLOT) else None
@@ -324,10 +370,10 @@ FORGETTING_NOTE = (
 SKILL_CAPTION = "VQA accuracy against open-loop robot error, per arm: up and to the left is better at both."
 
 
-def _rollout_caption(label: str, closed_loop: dict) -> str:
+def _rollout_caption(label: str, task: str, closed_loop: dict) -> str:
     seeds = closed_loop.get("seeds") or [None]
     rewards = closed_loop.get("max_rewards") or [None]
-    return f"{label}: first rollout (seed {seeds[0]}, max reward {rewards[0]} of {_top_reward(closed_loop)})"
+    return f"{label}, {task}: first rollout (seed {seeds[0]}, max reward {rewards[0]} of {_top_reward(closed_loop)})"
 
 
 def _markdown(title, header, rows, skill, details, curves, rollouts) -> str:
@@ -339,7 +385,8 @@ def _markdown(title, header, rows, skill, details, curves, rollouts) -> str:
     if curves:
         parts += ["## Training losses", *[f"![{label}]({name})" for label, name in curves]]
     if rollouts:
-        parts += ["## Rollouts", *[f"![{_rollout_caption(label, loop)}]({name})" for label, name, loop in rollouts]]
+        parts.append("## Rollouts")
+        parts += [f"![{_rollout_caption(label, task, loop)}]({name})" for label, task, name, loop in rollouts]
     return "\n\n".join(parts) + "\n"
 
 
@@ -356,8 +403,8 @@ def _html(title, header, rows, skill, details, curves, rollouts) -> str:
         parts += [f'<figure><img src="{name}" alt="{html.escape(label)}"></figure>' for label, name in curves]
     if rollouts:
         parts.append("<h2>Rollouts</h2>")
-        for label, name, loop in rollouts:
-            caption = html.escape(_rollout_caption(label, loop))
+        for label, task, name, loop in rollouts:
+            caption = html.escape(_rollout_caption(label, task, loop))
             parts.append(f'<figure><img src="{name}" alt="{caption}"><figcaption>{caption}</figcaption></figure>')
     body = "\n".join(parts)
     return (

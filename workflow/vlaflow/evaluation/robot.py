@@ -2,7 +2,7 @@
 
 Open loop: the action chunk predicted for every time step of held-out episodes (a registry split)
 against the recorded one, in the robot's units. Closed loop: seeded episodes in the
-simulator, the policy in control, on the task its training data shows (`vlaflow.sim.tasks`); an
+simulator, the policy in control, on each task its training data shows (`vlaflow.sim.tasks`); an
 episode succeeds when its maximum reward reaches 4.
 Both write their results into `out_dir` beside each other, each file written atomically, and add
 their headline figures to its `metrics.json` (vlaflow.evaluation.metrics).
@@ -11,7 +11,7 @@ their headline figures to its `metrics.json` (vlaflow.evaluation.metrics).
 import json
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -29,8 +29,8 @@ from vlaflow.sim.demos import SUMMARY_FILE
 from vlaflow.sim.tasks import DEFAULT_TASK, SimTask, sim_task
 
 OPEN_LOOP_FILE = "open_loop.json"
-CLOSED_LOOP_FILE = "closed_loop.json"
-ROLLOUT_FILE = "rollout.gif"
+CLOSED_LOOP_FILE = "closed_loop_{task}.json"
+ROLLOUT_FILE = "rollout_{task}.gif"
 ALOHA_DIM = 14  # the simulator's joints: per arm 6 joints and a gripper, for actions and state alike
 GIF_FRAME_STRIDE = 4
 TEMPORAL_ENSEMBLE_DECAY = 0.01  # ACT's k in w_i = exp(-k i)
@@ -175,32 +175,44 @@ class SimulationSetup:
     instruction: str
 
 
-def simulation_setup(
+def simulation_setups(
     policy: Policy, render_size: tuple[int, int] | None = None, task: str | None = None
-) -> SimulationSetup:
-    """The task, camera, rendering and instruction of the demonstrations the model learnt from:
-    the task and the size and shadows its recorder rendered with (`demos.json`; else `task` or
-    transfer cube, the model's image size, shadows as the stock simulator), the camera its training
-    dataset maps to the model's input, the instruction of its first episode. Without that dataset
-    at hand: the config's camera and the task's instruction. `task` overrides the recorded task."""
+) -> list[SimulationSetup]:
+    """The simulator tasks the model learnt, one setup each, in the order of its training
+    datasets: a dataset's task and the size and shadows its recorder rendered with (`demos.json`;
+    without one, transfer cube, the model's image size, shadows as the stock simulator), the camera
+    the dataset maps to the model's input, the instruction of its first episode; the first dataset
+    of a task sets it up. Without the training data at hand: `task` (else transfer cube) with the
+    config's camera and the task's instruction. `task` keeps that task alone; a task no dataset
+    shows is set up like the first dataset, with its own instruction."""
     cameras = policy.config["data"]["cameras"]
     if len(cameras) != 1:
         raise VlaflowError(f"the simulator renders one camera; the model takes {len(cameras)} (data.cameras)")
     try:
-        entry = robot_datasets(policy.config)[0]
-        spec = robot_spec(policy.config, entry)
-        instruction = inspect_episode(entry.episodes()[0], spec).instruction
+        recorded = [_recorded_setup(policy, entry, render_size) for entry in robot_datasets(policy.config)]
     except VlaflowError as error:
         chosen = sim_task(task or DEFAULT_TASK)
         print(f"closed loop: the training data is not at hand ({error}); using the {chosen.name} instruction")
-        return SimulationSetup(chosen, cameras[0], tuple(render_size or policy.image_size), True, chosen.instruction)
+        return [SimulationSetup(chosen, cameras[0], tuple(render_size or policy.image_size), True, chosen.instruction)]
+    setups = {}
+    for setup in recorded:
+        setups.setdefault(setup.task.name, setup)
+    if task is None:
+        return list(setups.values())
+    chosen = sim_task(task)
+    return [setups.get(chosen.name) or replace(recorded[0], task=chosen, instruction=chosen.instruction)]
+
+
+def _recorded_setup(policy: Policy, entry, render_size: tuple[int, int] | None) -> SimulationSetup:
+    spec = robot_spec(policy.config, entry)
+    instruction = inspect_episode(entry.episodes()[0], spec).instruction
     summary = entry.path / SUMMARY_FILE
     recorded = json.loads(summary.read_text()) if summary.is_file() else {}
     if render_size is None and recorded:
         render_size = (recorded["height"], recorded["width"])
     shadows = recorded.get("shadows", True)
-    chosen = sim_task(task or recorded.get("task", DEFAULT_TASK))
-    return SimulationSetup(chosen, spec.cameras[0], tuple(render_size or policy.image_size), shadows, instruction)
+    task = sim_task(recorded.get("task", DEFAULT_TASK))
+    return SimulationSetup(task, spec.cameras[0], tuple(render_size or policy.image_size), shadows, instruction)
 
 
 @dataclass
@@ -282,16 +294,15 @@ def evaluate_closed_loop(
     render_size: tuple[int, int] | None = None,
     video_size: tuple[int, int] | None = None,
     task: str | None = None,
-) -> dict:
-    """Run `episodes` episodes of the simulator task (`simulation_setup`) with seeds `seed`,
-    `seed + 1`, ... under the policy,
-    querying it every `query_every` steps (by default every step with temporal ensembling, else
-    once per chunk); writes `closed_loop.json` and, with `video_size` (height, width), the first
-    rollout as `rollout.gif` at that size."""
+) -> dict[str, dict]:
+    """For each simulator task the model learnt (`simulation_setups`; `task` alone when given), run
+    `episodes` episodes with seeds `seed`, `seed + 1`, ... under the policy, querying it every
+    `query_every` steps (by default every step with temporal ensembling, else once per chunk);
+    write `closed_loop_<task>.json` and, with `video_size` (height, width), the first rollout as
+    `rollout_<task>.gif` at that size. Returns the results by task."""
     if episodes < 1 or max_steps < 1:
         raise VlaflowError(f"episodes and max_steps must be at least 1, not {episodes} and {max_steps}")
     out_dir = Path(out_dir)
-    _refuse_existing([out_dir / CLOSED_LOOP_FILE] + ([out_dir / ROLLOUT_FILE] if video_size else []))
     policy = Policy(model_dir, seed)
     if (policy.action_dim, policy.state_dim) != (ALOHA_DIM, ALOHA_DIM):
         raise VlaflowError(
@@ -304,7 +315,38 @@ def evaluate_closed_loop(
             f"query every {query_every} steps: the model predicts {policy.chunk_size}-step chunks "
             f"(evaluation.robot.query_every from 1 to {policy.chunk_size})"
         )
-    setup = simulation_setup(policy, render_size, task)
+    setups = simulation_setups(policy, render_size, task)
+    outputs = [CLOSED_LOOP_FILE] + ([ROLLOUT_FILE] if video_size else [])
+    _refuse_existing([out_dir / name.format(task=setup.task.name) for setup in setups for name in outputs])
+    return {
+        setup.task.name: _closed_loop(
+            policy,
+            setup,
+            out_dir,
+            episodes=episodes,
+            seed=seed,
+            max_steps=max_steps,
+            temporal_ensemble=temporal_ensemble,
+            query_every=query_every,
+            video_size=video_size,
+        )
+        for setup in setups
+    }
+
+
+def _closed_loop(
+    policy: Policy,
+    setup: SimulationSetup,
+    out_dir: Path,
+    *,
+    episodes: int,
+    seed: int,
+    max_steps: int,
+    temporal_ensemble: bool,
+    query_every: int,
+    video_size: tuple[int, int] | None,
+) -> dict:
+    task = setup.task.name
     sim = AlohaSim(setup.task, *setup.render_size, camera=setup.camera, shadows=setup.shadows)
     rollouts = []
     for number in range(episodes):
@@ -320,13 +362,14 @@ def evaluate_closed_loop(
         )
         rollouts.append(rollout)
         print(
-            f"closed loop: episode {number + 1}/{episodes} (seed {rollout.seed}): max reward {rollout.max_reward}, "
-            f"{rollout.steps} steps in {rollout.seconds:.1f} s ({1000 * rollout.seconds / rollout.steps:.0f} ms/step)",
+            f"closed loop ({task}): episode {number + 1}/{episodes} (seed {rollout.seed}): max reward "
+            f"{rollout.max_reward}, {rollout.steps} steps in {rollout.seconds:.1f} s "
+            f"({1000 * rollout.seconds / rollout.steps:.0f} ms/step)",
             flush=True,
         )
     max_rewards = [rollout.max_reward for rollout in rollouts]
     result = {
-        "task": setup.task.name,
+        "task": task,
         "episodes": episodes,
         "seeds": [rollout.seed for rollout in rollouts],
         "max_rewards": max_rewards,
@@ -345,16 +388,16 @@ def evaluate_closed_loop(
         "first_rollout_reasoning": rollouts[0].reasoning,
     }
     if video_size:
-        _write_gif(out_dir / ROLLOUT_FILE, rollouts[0].frames)
-    _write_json(out_dir / CLOSED_LOOP_FILE, result)
+        _write_gif(out_dir / ROLLOUT_FILE.format(task=task), rollouts[0].frames)
+    _write_json(out_dir / CLOSED_LOOP_FILE.format(task=task), result)
     add_metrics(
         out_dir,
-        f"closed loop ({setup.task.name})",
+        f"closed loop ({task})",
         {"success rate": result["success_rate"], "mean max reward": result["mean_max_reward"], "episodes": episodes},
     )
     print(
-        f"closed loop: success rate {result['success_rate']:.2f}, mean max reward {result['mean_max_reward']:.2f} "
-        f"-> {out_dir / CLOSED_LOOP_FILE}",
+        f"closed loop ({task}): success rate {result['success_rate']:.2f}, mean max reward "
+        f"{result['mean_max_reward']:.2f} -> {out_dir / CLOSED_LOOP_FILE.format(task=task)}",
         flush=True,
     )
     return result

@@ -1,6 +1,6 @@
 """The simulator tasks, by name: a task is one entry here plus its gym-aloha task classes
 (`vlaflow.sim.aloha`) and its scripted plan (`vlaflow.sim.scripted`). Demonstrations record a task
-(`vlaflow data aloha-demos --task`, `embedded.aloha_demos.task`), their `demos.json` names it, and
+(`vlaflow data aloha-demos --task`, `embedded.aloha_demos.datasets`), their `demos.json` names it, and
 closed-loop evaluation runs the task its model's training data shows."""
 
 from collections.abc import Callable
