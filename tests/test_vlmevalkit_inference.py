@@ -1,6 +1,6 @@
 """The VLMEvalKit adapter through VLMEvalKit's own inference loop (`infer_data_job`) with the tiny
-model: it answers what `vlaflow eval vqa` answers, MMMU's interleaved images included, and
-VLMEvalKit's scoring of its prediction file gives vlaflow's table."""
+model: it answers what `vlaflow eval vqa` answers, MMMU's interleaved images and yes-or-no
+questions included, and VLMEvalKit's scoring of its prediction file gives vlaflow's table."""
 
 import functools
 import importlib
@@ -13,12 +13,18 @@ import pytest
 
 from tests import vlmevalkit
 from tests.test_vlmevalkit_parity import mmmu_rows, plain_rows, write_tsv
+from tests.test_vlmevalkit_yes_or_no_parity import yes_or_no_rows
 from vlaflow.backbone.folder import load_vla
 from vlaflow.evaluation import vlmevalkit as adapter
 from vlaflow.evaluation.vqa import evaluate_vqa
 
 pytestmark = pytest.mark.slow
-BENCHMARKS = {"AdapterMCQ": "ImageMCQDataset", "MMMU_adapter": "MMMUDataset"}
+# name: (VLMEvalKit's module and dataset class, the kind vlaflow is told)
+BENCHMARKS = {
+    "AdapterMCQ": ("image_mcq", "ImageMCQDataset", None),
+    "MMMU_adapter": ("image_mcq", "MMMUDataset", None),
+    "AdapterYesNo": ("image_yorn", "ImageYORNDataset", "yes_or_no"),
+}
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +43,7 @@ def both(model_folder, tmp_path_factory):
     rng = random.Random(1)
     write_tsv(lmudata / "AdapterMCQ.tsv", plain_rows(rng, 5, hints=True, splits=("dev", "test")))
     write_tsv(lmudata / "MMMU_adapter.tsv", mmmu_rows(rng, 5))
+    write_tsv(lmudata / "AdapterYesNo.tsv", yes_or_no_rows(rng, 5, categories=["color", "shape"]))
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("LMUData", str(lmudata))
         kit = vlmevalkit.load()
@@ -47,13 +54,14 @@ def both(model_folder, tmp_path_factory):
             adapter.VlaflowVLM, model_path=str(model_folder), max_new_tokens=6
         )
         theirs = {}
-        for name, dataset_class in BENCHMARKS.items():
-            dataset = getattr(kit.image_mcq, dataset_class)(name)
+        for name, (module, dataset_class, _) in BENCHMARKS.items():
+            dataset = getattr(getattr(kit, module), dataset_class)(name)
             kit.inference.infer_data_job("vlaflow", str(work), "vlaflow", dataset)
             table = dataset.evaluate(str(work / f"vlaflow_{name}.xlsx"), model="exact_matching", nproc=1)
             theirs[name] = (pd.read_excel(work / f"vlaflow_{name}.xlsx"), table)
     out = tmp_path_factory.mktemp("eval") / "vqa"
-    summary = evaluate_vqa(model_folder, list(BENCHMARKS), lmudata, out, batch_size=2, max_new_tokens=6)
+    kinds = {name: kind for name, (_, _, kind) in BENCHMARKS.items() if kind}
+    summary = evaluate_vqa(model_folder, list(BENCHMARKS), lmudata, out, batch_size=2, max_new_tokens=6, kinds=kinds)
     ours = {name: pd.read_excel(out / f"{model_folder.name}_{name}.xlsx") for name in BENCHMARKS}
     return theirs, ours, summary
 
@@ -62,7 +70,7 @@ def both(model_folder, tmp_path_factory):
 def test_vlmevalkits_loop_gets_vlaflows_answers(both, name):
     theirs, ours, _ = both
     their_predictions, _ = theirs[name]
-    assert len(their_predictions) == 5
+    assert len(their_predictions) >= 5
     pd.testing.assert_frame_equal(ours[name], their_predictions)
 
 
@@ -70,8 +78,10 @@ def test_vlmevalkits_loop_gets_vlaflows_answers(both, name):
 def test_vlmevalkits_table_of_its_own_run_is_vlaflows(both, name):
     theirs, _, summary = both
     _, table = theirs[name]
-    ours = {row["split"]: row for row in summary[name]["vlmevalkit"]}
+    ours = {row.get("split"): row for row in summary[name]["vlmevalkit"]}
+    assert len(ours) == len(table)
     for row in table.to_dict("records"):
+        split = row.get("split")
         for column, value in row.items():
-            mine = ours[row["split"]][column]
-            assert (mine is None and math.isnan(value)) or mine == value, f"{name} {row['split']} {column}"
+            mine = ours[split][str(column)]
+            assert (mine is None and math.isnan(value)) or mine == value, f"{name} {split} {column}"
