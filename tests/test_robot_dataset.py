@@ -10,7 +10,7 @@ from PIL import Image
 from tests.conftest import ACTION_DIM, CHUNK_SIZE, STATE_DIM
 from tests.data_factory import episode_arrays, make_episode, smooth_frames
 from vlaflow.data.episode_format import ACTION, IMAGES, encode_jpeg, write_episode
-from vlaflow.data.images import draw_augmentation
+from vlaflow.data.images import decode_frame, draw_augmentation
 from vlaflow.data.robot_dataset import RobotEpisodeDataset, check_frames_decode, inspect_episode, list_episode_files
 from vlaflow.data.samples import RobotSpec
 from vlaflow.data.stats import NormStats, compute_stats
@@ -105,6 +105,32 @@ def test_images_resized_to_spec(tmp_path):
     images = dataset[0].images
     assert len(images) == 1  # only the configured camera
     assert images[0].size == (20, 16) and images[0].mode == "RGB"
+
+
+@pytest.mark.parametrize("frame_size", [(480, 640), (96, 128), (61, 83)])
+def test_shrinking_a_frame_stays_within_a_few_levels_of_pillows_full_bilinear_filter(frame_size):
+    """decode_frame shrinks by a whole factor with a box filter before resampling (fast);
+    below a factor of 2 it is Pillow's bilinear filter exactly."""
+    rng = np.random.default_rng(0)
+    frame = np.clip(smooth_frames(1, *frame_size)[0] + rng.integers(-8, 9, (*frame_size, 3)), 0, 255).astype(np.uint8)
+    size = (frame_size[0] // 2, frame_size[1] // 2) if frame_size[0] > 100 else (48, 64)
+    ours = np.asarray(decode_frame(frame, size), float)
+    full_filter = np.asarray(Image.fromarray(frame).resize(size[::-1], Image.Resampling.BILINEAR), float)
+    assert ours.shape == (*size, 3)
+    if frame_size[0] >= 2 * size[0]:
+        difference = np.abs(ours - full_filter)  # largest at the frames' hard edges, which the filters blur apart
+        assert 0 < difference.mean() < 1.5 and np.percentile(difference, 99) <= 6
+    else:
+        np.testing.assert_array_equal(ours, full_filter)
+
+
+def test_open_episodes_keep_no_chunk_cache(tmp_path):
+    """Random single-frame reads never reuse a cached chunk; a cache per open camera only grows a
+    worker's memory with the number of open episodes (tests/benchmarks/robot_loader.py)."""
+    dataset = dataset_of([make_episode(tmp_path / "sim.hdf5", cameras=("top", "wrist"))])
+    dataset[3]
+    (handle,) = dataset._open_episodes.values()
+    assert handle.file.id.get_access_plist().get_cache()[2] == 0  # (mdc, slots, bytes, w0)
 
 
 def test_jpeg_episode_decodes_close_to_raw(tmp_path):

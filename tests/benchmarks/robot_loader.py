@@ -1,18 +1,25 @@
-"""Samples per second of `RobotEpisodeDataset` against upstream's access pattern.
+"""Samples per second of `RobotEpisodeDataset` against upstream's access pattern, and the memory
+of a worker as it opens more episodes.
 
 Upstream's EpisodicDataset (DexVLA, ChatVLA) opens the episode file for every sample, reads the
 whole `/action` array, closes the file and runs `gc.collect()`. Here both loaders produce the same
 samples (same decode, resize and normalisation, no augmentation) through the same DataLoader
-setup; their timing runs alternate, and each run's first batch (worker start-up) is not timed.
-The target is ours / upstream >= 20 at one worker. The last column runs our samples on through
-the collator and the tiny backbone's processor (tokens, labels, pixel patches) and counts batches.
+setup, in a process that holds what a training process holds (the processor, a loaded model), so
+that `gc.collect()` walks a training-sized heap; their timing runs alternate, and each run's first
+batch (worker start-up) is not timed. The target is ours / upstream >= 20 at one worker. The
+"collated" column runs our samples on through the collator and the tiny backbone's processor
+(tokens, labels, pixel patches) and counts batches.
+
+The memory table reads one sample from each of 1, 8, 32 and 64 episodes (the open-file limit) in
+a fresh process and prints how much its resident memory grew: flat is the target.
 
     python -m tests.benchmarks.robot_loader
-    python -m tests.benchmarks.robot_loader --episodes 8 --steps 200 --seconds 4 --rounds 5
+    python -m tests.benchmarks.robot_loader --cases C --episodes 8 --steps 200 --seconds 4 --rounds 5
 """
 
 import argparse
 import gc
+import multiprocessing
 import statistics
 import tempfile
 import time
@@ -24,6 +31,8 @@ import numpy as np
 import torch
 
 from vlaflow.backbone.download import BUILTIN_TINY, download
+from vlaflow.backbone.folder import load_vla
+from vlaflow.backbone.vla_config import make_vla_folder
 from vlaflow.data.collator import Collator
 from vlaflow.data.episode_format import (
     ACTION,
@@ -57,7 +66,9 @@ class Case:
 CASES = {
     "A": Case("1 camera, 240x320 raw", ("top",), (240, 320), compress=False),
     "B": Case("3 cameras, 480x640 JPEG", ("top", "left_wrist", "right_wrist"), (480, 640), compress=True),
+    "C": Case("3 cameras, 480x640 raw", ("top", "left_wrist", "right_wrist"), (480, 640), compress=False),
 }
+MEMORY_EPISODES = (1, 8, 32, 64)
 
 
 def camera_frames(steps: int, size: tuple[int, int], seed: int) -> np.ndarray:
@@ -174,6 +185,22 @@ def throughput(
     return timed * batch_size / elapsed
 
 
+def resident_mib() -> float:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * 4096 / 2**20
+
+
+def memory_growth(dataset: RobotEpisodeDataset, counts: tuple[int, ...]) -> list[float]:
+    """In this (fresh) process: how much resident memory grew after reading a sample from each of
+    the first n episodes, for each n in `counts`."""
+    dataset[0]  # imports, decoders and allocator pools warm, as in a running worker
+    base, growth = resident_mib(), []
+    for episode in range(max(counts)):
+        dataset[int(dataset._ends[episode - 1]) if episode else 0]
+        if episode + 1 in counts:
+            growth.append(resident_mib() - base)
+    return growth
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", nargs="+", default=sorted(CASES), choices=sorted(CASES))
@@ -189,16 +216,26 @@ def main() -> None:
         f"{args.episodes} episodes x {args.steps} steps per case; images to {IMAGE_SIZE[0]}x{IMAGE_SIZE[1]}; ", end=""
     )
     print(f"chunk {CHUNK_SIZE}; batch size {args.batch_size}; median of {args.rounds} runs of ~{args.seconds:g} s\n")
-    print("| case | workers | ours samples/s | upstream samples/s | ours / upstream | ours collated batches/s |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for name in args.cases:
-        case = CASES[name]
-        with tempfile.TemporaryDirectory() as tmp:
-            processor = Qwen2VLAProcessor.from_pretrained(download(BUILTIN_TINY, Path(tmp) / "backbone"))
+    memory = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        backbone = download(BUILTIN_TINY, Path(tmp) / "backbone")
+        processor = Qwen2VLAProcessor.from_pretrained(backbone)
+        model = load_vla(make_vla_folder(backbone, Path(tmp) / "vla"))  # noqa: F841  (held, as training holds it)
+        started = time.perf_counter()
+        gc.collect()
+        print(
+            f"the process holds {len(gc.get_objects()):,} objects; gc.collect() takes "
+            f"{1000 * (time.perf_counter() - started):.0f} ms\n"
+        )
+        print("| case | workers | ours samples/s | upstream samples/s | ours / upstream | ours collated batches/s |")
+        print("|---|---:|---:|---:|---:|---:|")
+        for name in args.cases:
+            case = CASES[name]
             collator = Collator(
                 processor, max_length=4096, action_dim=ACTION_DIM, state_dim=STATE_DIM, chunk_size=CHUNK_SIZE
             )
-            paths = write_episodes(Path(tmp), case, args.episodes, args.steps)
+            (Path(tmp) / name).mkdir()
+            paths = write_episodes(Path(tmp) / name, case, args.episodes, args.steps)
             spec = RobotSpec(case.cameras, IMAGE_SIZE, ACTION_DIM, STATE_DIM, CHUNK_SIZE)
             ours = RobotEpisodeDataset(paths, spec, compute_stats(paths))
             upstream = UpstreamPatternDataset(ours)
@@ -219,6 +256,15 @@ def main() -> None:
                     f"| {name}: {case.description} | {workers} | {ours_rate:.1f} | {upstream_rate:.1f} "
                     f"| {ours_rate / upstream_rate:.1f}x | {batch_rate:.1f} |"
                 )
+            (Path(tmp) / f"{name}_memory").mkdir()
+            paths = write_episodes(Path(tmp) / f"{name}_memory", case, max(MEMORY_EPISODES), 2)
+            dataset = RobotEpisodeDataset(paths, spec, compute_stats(paths))
+            with multiprocessing.get_context("spawn").Pool(1) as fresh:
+                memory[name] = fresh.apply(memory_growth, (dataset, MEMORY_EPISODES))
+    print(f"\n| case | resident memory growth after 1 / {' / '.join(map(str, MEMORY_EPISODES[1:]))} episodes |")
+    print("|---|---|")
+    for name, growth in memory.items():
+        print(f"| {name}: {CASES[name].description} | {' / '.join(f'{mib:.0f} MiB' for mib in growth)} |")
 
 
 if __name__ == "__main__":

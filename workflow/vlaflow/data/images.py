@@ -10,6 +10,7 @@ from PIL import Image, ImageEnhance
 CROP_SIDE_RATIO = 0.95
 MAX_ROTATION_DEGREES = 5.0
 BRIGHTNESS, CONTRAST, SATURATION = 0.3, 0.4, 0.5
+RESIZE_REDUCING_GAP = 1.0  # Pillow's: shrink by floor(scale / gap) with a box filter before resampling
 
 
 def _jpeg_bytes(frame) -> bytes | memoryview:
@@ -44,7 +45,10 @@ def resize(image: Image.Image, size: tuple[int, int]) -> Image.Image:
     height, width = size
     if image.size == (width, height):
         return image
-    return image.resize((width, height), Image.Resampling.BILINEAR)
+    # Shrinking by a whole factor first (a box filter over each block of pixels) costs a fifth of
+    # Pillow's antialiased bilinear filter over the full frame, e.g. 480x640 to 240x320 in 0.5 ms
+    # instead of 2.6 ms, and differs from it by a level or two of 255 (tests/benchmarks/robot_loader.py).
+    return image.resize((width, height), Image.Resampling.BILINEAR, reducing_gap=RESIZE_REDUCING_GAP)
 
 
 @dataclass(frozen=True)

@@ -70,7 +70,10 @@ def _utf8(value, path: Path, field: str) -> str:
 
 def _open_file(path: Path) -> h5py.File:
     try:
-        return h5py.File(path, "r")
+        # No chunk cache: training reads single frames in random order, so a cached chunk is never
+        # read again, and each open camera would otherwise keep up to a chunk (a raw frame, ~1 MiB)
+        # for as long as its episode stays open.
+        return h5py.File(path, "r", rdcc_nbytes=0)
     except FileNotFoundError:
         raise VlaflowError(f"{path}: no such file") from None
     except OSError as error:
