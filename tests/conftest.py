@@ -37,6 +37,22 @@ def mlp_weights(tiny_backbone, tmp_path_factory) -> Path:
     return save_mlp_weights(tiny_backbone, tmp_path_factory.mktemp("mlp") / "mlp.safetensors")
 
 
+SIM_DEMO_SIZE = (48, 64)  # (height, width) the trained_model's demos are rendered at
+SIM_IMAGE_SIZE = [32, 40]  # what it sees
+
+
+@pytest.fixture(scope="session")
+def trained_model(tiny_backbone, mlp_weights, tmp_path_factory) -> Path:
+    """The tiny model with ALOHA's dimensions, trained for a few steps on two scripted transfer-cube
+    demonstrations from the simulator."""
+    from tests.training_helpers import train_on_sim_demos
+    from vlaflow.sim.demos import record_demos
+
+    root = tmp_path_factory.mktemp("sim_model")
+    record_demos(root / "data" / "cube", 2, height=SIM_DEMO_SIZE[0], width=SIM_DEMO_SIZE[1], shadows=False, workers=2)
+    return train_on_sim_demos(root, ["cube"], tiny_backbone, mlp_weights, image_size=SIM_IMAGE_SIZE)
+
+
 @pytest.fixture(scope="session")
 def release_backbone(tmp_path_factory) -> Path:
     """The tiny model in the official Qwen2-VL-2B-Instruct release's file layout (bf16, sharded)."""

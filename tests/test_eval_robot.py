@@ -13,8 +13,8 @@ import torch
 import yaml
 from PIL import Image
 
-from tests.conftest import random_image
-from tests.training_helpers import ALOHA_HEAD, train_on_sim_demos
+from tests.conftest import SIM_DEMO_SIZE, SIM_IMAGE_SIZE, random_image
+from tests.training_helpers import ALOHA_HEAD
 from vlaflow.data.episode_format import ACTION, QPOS
 from vlaflow.data.language import INSERTION_INSTRUCTION, TRANSFER_CUBE_INSTRUCTION
 from vlaflow.data.stats import NormStats
@@ -32,21 +32,12 @@ from vlaflow.evaluation.robot import (
     simulation_setups,
 )
 from vlaflow.sim.aloha import EPISODE_LENGTH, MAX_REWARD
-from vlaflow.sim.demos import record_demos
 from vlaflow.training.checkpoints import CONFIG_FILE, STATS_FILE
 from vlaflow.training.run import train
 
-DEMO_SIZE = (48, 64)  # (height, width) the demos are rendered at
-IMAGE_SIZE = [32, 40]  # what the model sees
+DEMO_SIZE, IMAGE_SIZE = SIM_DEMO_SIZE, SIM_IMAGE_SIZE  # the trained_model's demos and what it sees
 ALOHA = ALOHA_HEAD
 CUBE_RESULT, CUBE_ROLLOUT = (name.format(task="transfer_cube") for name in (CLOSED_LOOP_FILE, ROLLOUT_FILE))
-
-
-@pytest.fixture(scope="module")
-def trained_model(tiny_backbone, mlp_weights, tmp_path_factory):
-    root = tmp_path_factory.mktemp("eval_robot")
-    record_demos(root / "data" / "cube", 2, height=DEMO_SIZE[0], width=DEMO_SIZE[1], shadows=False, workers=2)
-    return train_on_sim_demos(root, ["cube"], tiny_backbone, mlp_weights, image_size=IMAGE_SIZE)
 
 
 def assert_errors_well_formed(result: dict) -> None:

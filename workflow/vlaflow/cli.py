@@ -137,7 +137,23 @@ def _eval_robot(args) -> None:
             query_every=args.query_every,
             video_size=tuple(args.video_size),
             task=args.task,
+            server=args.server,
         )
+
+
+def _serve(args) -> None:
+    from vlaflow.serving.server import run_server
+
+    run_server(
+        args.model,
+        args.host,
+        args.port,
+        max_batch=args.max_batch,
+        batch_wait_ms=args.batch_wait_ms,
+        max_message_mib=args.max_message_mib,
+        max_new_tokens=args.max_new_tokens,
+        seed=args.seed,
+    )
 
 
 def _report(args) -> None:
@@ -351,7 +367,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="size of the first rollout's video, rollout_<task>.gif",
     )
     robot.add_argument("--task", help="one simulator task (default: each one the training demonstrations show)")
+    robot.add_argument(
+        "--server", metavar="URL", help="act through `vlaflow serve` at ws://HOST:PORT instead of in process"
+    )
     robot.set_defaults(run=_eval_robot)
+
+    serve = commands.add_parser("serve", help="a websocket policy server for robots and chat (openpi's messages)")
+    serve.add_argument("--model", type=Path, required=True, help="a model folder trained on robot data")
+    serve.add_argument("--host", default="127.0.0.1", help="the address to listen on (0.0.0.0: every interface)")
+    serve.add_argument("--port", type=int, default=8000, help="the port (0: any free one, printed)")
+    serve.add_argument("--max-batch", type=positive_int, default=8, help="action requests answered together")
+    serve.add_argument(
+        "--batch-wait-ms", type=float, default=5.0, help="how long a request waits for others to join its batch"
+    )
+    serve.add_argument("--max-message-mib", type=float, default=32.0, help="larger messages close their connection")
+    serve.add_argument("--max-new-tokens", type=positive_int, default=64, help="the longest chat answer")
+    serve.add_argument("--seed", type=int, default=0, help="the action noise's seed until a client resets it")
+    serve.set_defaults(run=_serve)
 
     report = commands.add_parser("report", help="one page on a run: losses, evaluations, the forgetting table")
     report.add_argument("--out", type=Path, required=True, help="a new folder for report.html, report.md and figures")

@@ -61,6 +61,11 @@ class Policy:
         to the model's image size, the state normalised."""
         return [decode_frame(frame, self.image_size) for frame in frames], self.stats.normalize_state(qpos)
 
+    def act(self, frames: list[np.ndarray], qpos: np.ndarray, instruction: str) -> PolicyOutput:
+        """One action chunk from raw camera frames (in the config's camera order) and joint positions."""
+        images, state = self.observe(frames, qpos)
+        return self.predict([images], state[None], [instruction])
+
     def predict(self, images: list[list[Image.Image]], states: np.ndarray, instructions: list[str]) -> PolicyOutput:
         """One action chunk per sample from its images, normalised state and instruction."""
         inputs = self.processor.generation_inputs(images, instructions).to(self.device)

@@ -24,6 +24,7 @@ from vlaflow.errors import VlaflowError
 from vlaflow.evaluation.metrics import add_metrics
 from vlaflow.evaluation.policy import Policy, robot_datasets
 from vlaflow.fs import atomic_file, check_destination
+from vlaflow.serving.client import RemotePolicy
 from vlaflow.sim.aloha import DT, EPISODE_LENGTH, MAX_REWARD, AlohaSim
 from vlaflow.sim.demos import SUMMARY_FILE
 from vlaflow.sim.tasks import DEFAULT_TASK, SimTask, sim_task
@@ -176,7 +177,7 @@ class SimulationSetup:
 
 
 def simulation_setups(
-    policy: Policy, render_size: tuple[int, int] | None = None, task: str | None = None
+    policy: Policy | RemotePolicy, render_size: tuple[int, int] | None = None, task: str | None = None
 ) -> list[SimulationSetup]:
     """The simulator tasks the model learnt, one setup each, in the order of its training
     datasets: a dataset's task and the size and shadows its recorder rendered with (`demos.json`;
@@ -203,7 +204,7 @@ def simulation_setups(
     return [setups.get(chosen.name) or replace(recorded[0], task=chosen, instruction=chosen.instruction)]
 
 
-def _recorded_setup(policy: Policy, entry, render_size: tuple[int, int] | None) -> SimulationSetup:
+def _recorded_setup(policy: Policy | RemotePolicy, entry, render_size: tuple[int, int] | None) -> SimulationSetup:
     spec = robot_spec(policy.config, entry)
     instruction = inspect_episode(entry.episodes()[0], spec).instruction
     summary = entry.path / SUMMARY_FILE
@@ -227,7 +228,7 @@ class Rollout:
 
 def run_episode(
     sim: AlohaSim,
-    policy: Policy,
+    policy: Policy | RemotePolicy,
     setup: SimulationSetup,
     seed: int,
     *,
@@ -253,9 +254,7 @@ def run_episode(
             frames.append(sim.render(video_size))
         # rendering is much of a step's cost on a CPU: only the frames someone looks at
         if step % query_every == 0:
-            frame = sim.render()
-            images, state = policy.observe([frame], joints.qpos)
-            output = policy.predict([images], state[None], [setup.instruction])
+            output = policy.act([sim.render()], joints.qpos, setup.instruction)
             if not reasoning or reasoning[-1]["text"] != output.reasoning[0]:
                 reasoning.append({"step": step, "text": output.reasoning[0]})
             if ensemble is not None:
@@ -294,16 +293,18 @@ def evaluate_closed_loop(
     render_size: tuple[int, int] | None = None,
     video_size: tuple[int, int] | None = None,
     task: str | None = None,
+    server: str | None = None,
 ) -> dict[str, dict]:
     """For each simulator task the model learnt (`simulation_setups`; `task` alone when given), run
     `episodes` episodes with seeds `seed`, `seed + 1`, ... under the policy, querying it every
     `query_every` steps (by default every step with temporal ensembling, else once per chunk);
     write `closed_loop_<task>.json` and, with `video_size` (height, width), the first rollout as
-    `rollout_<task>.gif` at that size. Returns the results by task."""
+    `rollout_<task>.gif` at that size. With `server` (ws://host:port), the policy is the model that
+    `vlaflow serve` serves there, reseeded per episode as in process. Returns the results by task."""
     if episodes < 1 or max_steps < 1:
         raise VlaflowError(f"episodes and max_steps must be at least 1, not {episodes} and {max_steps}")
     out_dir = Path(out_dir)
-    policy = Policy(model_dir, seed)
+    policy = RemotePolicy(server) if server else Policy(model_dir, seed)
     if (policy.action_dim, policy.state_dim) != (ALOHA_DIM, ALOHA_DIM):
         raise VlaflowError(
             f"{model_dir}: action/state dimensions {policy.action_dim}/{policy.state_dim}; "
@@ -318,24 +319,28 @@ def evaluate_closed_loop(
     setups = simulation_setups(policy, render_size, task)
     outputs = [CLOSED_LOOP_FILE] + ([ROLLOUT_FILE] if video_size else [])
     _refuse_existing([out_dir / name.format(task=setup.task.name) for setup in setups for name in outputs])
-    return {
-        setup.task.name: _closed_loop(
-            policy,
-            setup,
-            out_dir,
-            episodes=episodes,
-            seed=seed,
-            max_steps=max_steps,
-            temporal_ensemble=temporal_ensemble,
-            query_every=query_every,
-            video_size=video_size,
-        )
-        for setup in setups
-    }
+    try:
+        return {
+            setup.task.name: _closed_loop(
+                policy,
+                setup,
+                out_dir,
+                episodes=episodes,
+                seed=seed,
+                max_steps=max_steps,
+                temporal_ensemble=temporal_ensemble,
+                query_every=query_every,
+                video_size=video_size,
+            )
+            for setup in setups
+        }
+    finally:
+        if server:
+            policy.client.close()
 
 
 def _closed_loop(
-    policy: Policy,
+    policy: Policy | RemotePolicy,
     setup: SimulationSetup,
     out_dir: Path,
     *,
