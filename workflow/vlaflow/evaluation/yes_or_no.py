@@ -31,29 +31,7 @@ from vlaflow.evaluation.benchmark_kind import BenchmarkKind, Question, RowError,
 
 YES, NO, UNKNOWN = "Yes", "No", "Unknown"
 AMBER_PROMPT_SUFFIX = "\nPlease answer yes or no."
-_PUNCTUATION = (
-    ";",
-    "/",
-    "[",
-    "]",
-    '"',
-    "{",
-    "}",
-    "(",
-    ")",
-    "=",
-    "+",
-    "\\",
-    "_",
-    "-",
-    ">",
-    "<",
-    "@",
-    "`",
-    ",",
-    "?",
-    "!",
-)
+_PUNCTUATION = ';/[]"{}()=+\\_-><@`,?!'  # process_punctuation's marks
 _DIGIT_COMMA_DIGIT = re.compile(r"(\d)(,)(\d)")
 _LONE_PERIOD = re.compile(r"(?<!\d)\.(?!\d)")
 _PERIODS_REMOVED = re.UNICODE  # VLMEvalKit passes re.UNICODE (32) where `sub` takes its count
