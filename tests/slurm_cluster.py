@@ -63,6 +63,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests.system_packages import PackagesUnavailable, apt_install
+
 TEST_PROFILE = Path(__file__).resolve().parent / "profiles" / "slurm-test"
 MUNGE_KEY = Path("/etc/munge/munge.key")
 MUNGE_SOCKET_DIR = Path("/run/munge")
@@ -100,25 +102,10 @@ def ensure_installed(install: bool = True, timeout: float = 600) -> None:
         return
     if not install:
         raise SlurmUnavailable(f"SLURM commands missing: {', '.join(missing)} (installation disabled)")
-    if os.geteuid() != 0:
-        raise SlurmUnavailable(f"SLURM commands missing ({', '.join(missing)}) and not root, cannot apt-get install")
-    apt = shutil.which("apt-get")
-    if apt is None:
-        raise SlurmUnavailable(f"SLURM commands missing ({', '.join(missing)}) and no apt-get on this machine")
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    steps = (
-        [apt, "update", "-qq"],
-        [apt, "install", "-y", "-qq", "--no-install-recommends", *PACKAGES],
-    )
-    for step in steps:
-        try:
-            done = subprocess.run(step, env=env, capture_output=True, text=True, timeout=timeout, check=False)
-        except subprocess.TimeoutExpired:
-            raise SlurmUnavailable(f"{shlex.join(step)} timed out after {timeout:.0f} s") from None
-        if done.returncode != 0:
-            raise SlurmUnavailable(
-                f"{shlex.join(step)} failed ({done.returncode}):\n{_tail(done.stdout + done.stderr)}"
-            )
+    try:
+        apt_install(PACKAGES, timeout)
+    except PackagesUnavailable as reason:
+        raise SlurmUnavailable(f"SLURM commands missing ({', '.join(missing)}): {reason}") from None
     missing = [name for name in needed if not _which(name)]
     if missing:
         raise SlurmUnavailable(f"installed {' '.join(PACKAGES)} but still missing: {', '.join(missing)}")

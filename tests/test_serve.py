@@ -8,9 +8,11 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import threading
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -19,7 +21,9 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
+from tests.browser import Browser
 from tests.conftest import SIM_DEMO_SIZE
+from tests.system_packages import PackagesUnavailable
 from vlaflow.errors import VlaflowError
 from vlaflow.evaluation.policy import Policy
 from vlaflow.evaluation.robot import evaluate_closed_loop
@@ -205,3 +209,56 @@ def test_the_serve_command_prints_its_address_and_serves(trained_model):
 def test_connecting_to_no_server_is_an_error_naming_the_address():
     with pytest.raises(VlaflowError, match=r"ws://127.0.0.1:9: cannot connect to the policy server"):
         PolicyClient("ws://127.0.0.1:9", timeout=5)
+
+
+def test_the_page_asks_the_model_and_plots_its_action_chunk(served, tmp_path):
+    """In headless Chromium: the page served at / connects, answers a question about its image and
+    plots the action chunk the model predicts for an instruction, with its reasoning. With
+    VLAFLOW_PAGE_SCREENSHOT set, its screenshot is also written there (docs/serve_page.png)."""
+    try:
+        browser = Browser()
+    except PackagesUnavailable as reason:
+        pytest.skip(f"no Chromium here: {reason}")
+    try:
+        browser.open(f"{served.http}/")
+        assert "cameras top, state 14, actions 10 × 14" in browser.wait_for(
+            "document.getElementById('status').textContent.includes('cameras') && "
+            "document.getElementById('status').textContent"
+        )
+        browser.evaluate("document.getElementById('sample').click()")
+        rgba = browser.evaluate("Array.from(context.getImageData(0, 0, frame.width, frame.height).data)")
+        frame = np.asarray(rgba, dtype=np.uint8).reshape(96, 128, 4)[..., :3]
+        client = PolicyClient(served.url)
+
+        browser.evaluate("document.getElementById('question').value = 'What colour is the cube?'")
+        browser.evaluate("document.getElementById('ask').click()")
+        browser.wait_for("document.getElementById('answer').dataset.replies === '1'")
+        assert browser.evaluate("document.getElementById('answer').textContent") == client.chat(
+            "What colour is the cube?", frame
+        )
+
+        browser.evaluate("document.getElementById('act').click()")
+        assert browser.wait_for("document.getElementById('plot').dataset.plotted") == "10x14"
+        _, reasoning = client.act(
+            {"top": frame}, np.zeros(14), browser.evaluate("document.getElementById('instruction').value")
+        )
+        assert browser.evaluate("document.getElementById('reasoning').textContent") == reasoning
+        painted = browser.evaluate(
+            "Array.from(document.getElementById('plot').getContext('2d').getImageData(0, 0, 900, 320).data)"
+        )
+        assert len(set(painted)) > 20  # lines in many colours, not a blank canvas
+        browser.screenshot(tmp_path / "page.png")
+        assert (tmp_path / "page.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        if os.environ.get("VLAFLOW_PAGE_SCREENSHOT"):
+            shutil.copyfile(tmp_path / "page.png", os.environ["VLAFLOW_PAGE_SCREENSHOT"])
+        client.close()
+    finally:
+        browser.close()
+
+
+def test_the_page_is_served_beside_health_and_other_paths_are_not_found(served):
+    with urllib.request.urlopen(f"{served.http}/", timeout=30) as response:
+        assert response.headers["Content-Type"].startswith("text/html") and b'<canvas id="plot"' in response.read()
+    with pytest.raises(urllib.error.HTTPError) as missing:
+        urllib.request.urlopen(f"{served.http}/nothing", timeout=30)
+    assert missing.value.code == 404

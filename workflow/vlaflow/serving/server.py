@@ -13,7 +13,8 @@ Action requests that arrive together, from one client or several, are answered i
 to `max_batch`, gathered for at most `batch_wait_ms`); one generator draws the action noise, so a
 client that resets it with a seed and asks alone gets the in-process result. A message larger than
 `max_message_mib` closes its connection with code 1009 (message too big). HTTP `GET /healthz`
-answers "OK", `GET /metadata` the metadata as JSON.
+answers "OK", `GET /metadata` the metadata as JSON, `GET /` a page to chat with the model and see
+the action chunk it predicts (`page.html`: it speaks the same messages from the browser).
 """
 
 import asyncio
@@ -41,6 +42,8 @@ logger = logging.getLogger(__name__)
 
 HEALTH_PATH = "/healthz"
 METADATA_PATH = "/metadata"
+PAGE_PATH = "/"
+PAGE = Path(__file__).with_name("page.html")  # one page to ask the model and watch it act
 
 
 class RequestError(ValueError):
@@ -121,13 +124,15 @@ class PolicyServer:
                 await worker
 
     def _http(self, connection: ServerConnection, request: Request) -> Response | None:
+        if request.headers.get("Upgrade", "").lower() == "websocket":
+            return None  # the websocket handshake, on any path
+        if request.path == PAGE_PATH:
+            return _respond(connection, PAGE.read_text(encoding="utf-8"), "text/html; charset=utf-8")
         if request.path == HEALTH_PATH:
             return connection.respond(http.HTTPStatus.OK, "OK\n")
         if request.path == METADATA_PATH:
-            response = connection.respond(http.HTTPStatus.OK, json.dumps(self.metadata) + "\n")
-            response.headers["Content-Type"] = "application/json"
-            return response
-        return None  # the websocket handshake
+            return _respond(connection, json.dumps(self.metadata) + "\n", "application/json")
+        return connection.respond(http.HTTPStatus.NOT_FOUND, f"{request.path}: not found\n")
 
     async def _connection(self, connection: ServerConnection) -> None:
         try:
@@ -244,6 +249,13 @@ class PolicyServer:
             {"actions": actions, "reasoning": reasoning, "server_timing": timing}
             for actions, reasoning in zip(output.actions, output.reasoning)
         ]
+
+
+def _respond(connection: ServerConnection, body: str, content_type: str) -> Response:
+    response = connection.respond(http.HTTPStatus.OK, body)
+    del response.headers["Content-Type"]  # respond()'s text/plain
+    response.headers["Content-Type"] = content_type
+    return response
 
 
 def run_server(model_dir: Path, host: str, port: int, **settings) -> None:
