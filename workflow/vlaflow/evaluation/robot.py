@@ -305,21 +305,21 @@ def evaluate_closed_loop(
         raise VlaflowError(f"episodes and max_steps must be at least 1, not {episodes} and {max_steps}")
     out_dir = Path(out_dir)
     policy = RemotePolicy(server) if server else Policy(model_dir, seed)
-    if (policy.action_dim, policy.state_dim) != (ALOHA_DIM, ALOHA_DIM):
-        raise VlaflowError(
-            f"{model_dir}: action/state dimensions {policy.action_dim}/{policy.state_dim}; "
-            f"the ALOHA simulator needs {ALOHA_DIM}/{ALOHA_DIM}"
-        )
-    query_every = query_every or (1 if temporal_ensemble else policy.chunk_size)
-    if not 1 <= query_every <= policy.chunk_size:
-        raise VlaflowError(
-            f"query every {query_every} steps: the model predicts {policy.chunk_size}-step chunks "
-            f"(evaluation.robot.query_every from 1 to {policy.chunk_size})"
-        )
-    setups = simulation_setups(policy, render_size, task)
-    outputs = [CLOSED_LOOP_FILE] + ([ROLLOUT_FILE] if video_size else [])
-    _refuse_existing([out_dir / name.format(task=setup.task.name) for setup in setups for name in outputs])
     try:
+        if (policy.action_dim, policy.state_dim) != (ALOHA_DIM, ALOHA_DIM):
+            raise VlaflowError(
+                f"{model_dir}: action/state dimensions {policy.action_dim}/{policy.state_dim}; "
+                f"the ALOHA simulator needs {ALOHA_DIM}/{ALOHA_DIM}"
+            )
+        query_every = query_every or (1 if temporal_ensemble else policy.chunk_size)
+        if not 1 <= query_every <= policy.chunk_size:
+            raise VlaflowError(
+                f"query every {query_every} steps: the model predicts {policy.chunk_size}-step chunks "
+                f"(evaluation.robot.query_every from 1 to {policy.chunk_size})"
+            )
+        setups = simulation_setups(policy, render_size, task)
+        outputs = [CLOSED_LOOP_FILE] + ([ROLLOUT_FILE] if video_size else [])
+        _refuse_existing([out_dir / name.format(task=setup.task.name) for setup in setups for name in outputs])
         return {
             setup.task.name: _closed_loop(
                 policy,
@@ -335,7 +335,7 @@ def evaluate_closed_loop(
             for setup in setups
         }
     finally:
-        if server:
+        if server:  # the connection closes whatever went wrong
             policy.client.close()
 
 
