@@ -212,7 +212,9 @@ class MultipleChoice(BenchmarkKind):
 
     def check_rows(self, tsv_path: Path, benchmark: str, rows: pd.DataFrame) -> None:
         for group in ("split", *TABLE_GROUPS):
-            missing = [index for index, cell in zip(rows["index"], rows[group]) if pd.isna(cell)] if group in rows else []
+            missing = (
+                [index for index, cell in zip(rows["index"], rows[group]) if pd.isna(cell)] if group in rows else []
+            )
             if missing:
                 raise VlaflowError(
                     f"{tsv_path}: row index {missing[0]}: {group}: empty (VLMEvalKit's table needs a value in every row)"
@@ -226,10 +228,11 @@ class MultipleChoice(BenchmarkKind):
         choices = options
         if is_mmmu(benchmark) and not is_circular(benchmark) and not options:
             choices = {"A": answer, "B": MMMU_OTHER_ANSWERS}
-        if ground_truth(benchmark, answer) not in choices:
+        truth = ground_truth(benchmark, answer)
+        if truth not in choices:
             raise error("answer", f"{answer!r} is not the letter of one of the options {sorted(choices)}")
         hint = row["hint"] if "hint" in row and not pd.isna(row["hint"]) else None
-        return Question(row["index"], images, row["question"], hint, options, ground_truth(benchmark, answer))
+        return Question(row["index"], images, row["question"], hint, options, truth)
 
     def prompt(self, benchmark: str, question: Question) -> list[dict]:
         """`ImageMCQDataset.build_prompt`: the images, then the text; for MMMU the images go where the
