@@ -194,8 +194,10 @@ def memory_growth(dataset: RobotEpisodeDataset, counts: tuple[int, ...]) -> list
     the first n episodes, for each n in `counts`."""
     dataset[0]  # imports, decoders and allocator pools warm, as in a running worker
     base, growth = resident_mib(), []
+    first_step = 0
     for episode in range(max(counts)):
-        dataset[int(dataset._ends[episode - 1]) if episode else 0]
+        dataset[first_step]
+        first_step += dataset.episodes[episode].frames
         if episode + 1 in counts:
             growth.append(resident_mib() - base)
     return growth
