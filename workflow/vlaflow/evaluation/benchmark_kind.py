@@ -53,7 +53,6 @@ class BenchmarkKind(ABC):
 
     name: ClassVar[str]
     vlmevalkit_datasets: ClassVar[tuple[str, ...]] = ()
-    vlmevalkit_class: ClassVar[str]  # the VLMEvalKit dataset class whose rules it follows
 
     def check_rows(self, tsv_path: Path, benchmark: str, rows: pd.DataFrame) -> None:
         """Refuse a table this kind cannot score (a column its table needs), before any question."""

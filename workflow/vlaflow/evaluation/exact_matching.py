@@ -208,7 +208,6 @@ class MultipleChoice(BenchmarkKind):
     letter columns, the prompt `ImageMCQDataset.build_prompt` writes, the rules above."""
 
     name = "multiple_choice"
-    vlmevalkit_class = "ImageMCQDataset"
 
     def check_rows(self, tsv_path: Path, benchmark: str, rows: pd.DataFrame) -> None:
         for group in ("split", *TABLE_GROUPS):

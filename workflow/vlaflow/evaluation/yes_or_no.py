@@ -218,7 +218,6 @@ class YesOrNo(BenchmarkKind):
 
     name = "yes_or_no"
     vlmevalkit_datasets = ("MME", "HallusionBench", "POPE", "AMBER", "VSR-zeroshot")
-    vlmevalkit_class = "ImageYORNDataset"
 
     def check_rows(self, tsv_path: Path, benchmark: str, rows: pd.DataFrame) -> None:
         table = table_for(benchmark)
