@@ -9,7 +9,7 @@ import yaml
 from PIL import Image
 
 from tests.conftest import ACTION_DIM, CHUNK_SIZE, STATE_DIM, random_image
-from vlaflow.data.episode_format import write_episode
+from vlaflow.data.hdf5_episodes import write_episode
 
 
 def smooth_frames(length: int, height: int = 24, width: int = 32, seed: int = 0) -> np.ndarray:

@@ -15,7 +15,7 @@ from PIL import Image
 
 from tests.conftest import SIM_DEMO_SIZE, SIM_IMAGE_SIZE, random_image
 from tests.training_helpers import ALOHA_HEAD
-from vlaflow.data.episode_format import ACTION, QPOS
+from vlaflow.data.hdf5_episodes import ACTION, QPOS
 from vlaflow.data.language import INSERTION_INSTRUCTION, TRANSFER_CUBE_INSTRUCTION
 from vlaflow.data.stats import NormStats
 from vlaflow.errors import VlaflowError
@@ -78,7 +78,7 @@ def test_trivial_policies_are_scored_on_the_same_held_out_steps(trained_model, t
     stats = NormStats.load(trained_model / STATS_FILE)
     config = yaml.safe_load((trained_model / CONFIG_FILE).read_text())
     [episode] = robot_datasets(config)[0].episodes("val")
-    with h5py.File(episode) as file:
+    with h5py.File(episode.path) as file:
         actions, qpos = file[ACTION][()].astype(np.float64), file[QPOS][()].astype(np.float64)
     hold, mean = [], []
     for t in np.linspace(0, len(actions) - 1, 12).round().astype(int):

@@ -9,9 +9,9 @@ from PIL import Image
 
 from tests.conftest import ACTION_DIM, CHUNK_SIZE, STATE_DIM
 from tests.data_factory import episode_arrays, make_episode, smooth_frames
-from vlaflow.data.episode_format import ACTION, IMAGES, encode_jpeg, write_episode
+from vlaflow.data.hdf5_episodes import ACTION, IMAGES, encode_jpeg, hdf5_episodes, list_episode_files, write_episode
 from vlaflow.data.images import decode_frame, draw_augmentation
-from vlaflow.data.robot_dataset import RobotEpisodeDataset, check_frames_decode, inspect_episode, list_episode_files
+from vlaflow.data.robot_dataset import RobotEpisodeDataset
 from vlaflow.data.samples import RobotSpec
 from vlaflow.data.stats import NormStats, compute_stats
 from vlaflow.errors import VlaflowError
@@ -20,8 +20,12 @@ CHUNK = CHUNK_SIZE
 SPEC = RobotSpec(cameras=("top",), image_size=(16, 20), action_dim=ACTION_DIM, state_dim=STATE_DIM, chunk_size=CHUNK)
 
 
+def episode(path):
+    return hdf5_episodes([path])[0]
+
+
 def dataset_of(paths, **kwargs) -> RobotEpisodeDataset:
-    return RobotEpisodeDataset(paths, SPEC, compute_stats(paths), **kwargs)
+    return RobotEpisodeDataset(hdf5_episodes(paths), SPEC, compute_stats(hdf5_episodes(paths)), **kwargs)
 
 
 def raw_chunk(dataset, sample) -> np.ndarray:
@@ -136,7 +140,7 @@ def test_open_episodes_keep_no_chunk_cache(tmp_path):
 def test_jpeg_episode_decodes_close_to_raw(tmp_path):
     raw = dataset_of([make_episode(tmp_path / "raw.hdf5")])
     jpeg = dataset_of([make_episode(tmp_path / "jpeg.hdf5", compress=True)])
-    assert jpeg.episodes[0].compressed and not raw.episodes[0].compressed
+    assert jpeg.infos[0].compressed and not raw.infos[0].compressed
     for index in (0, 9):
         difference = np.abs(np.asarray(raw[index].images[0], float) - np.asarray(jpeg[index].images[0], float))
         assert difference.mean() < 3
@@ -151,9 +155,9 @@ def test_variable_length_jpeg_bytes_decode(tmp_path):
         camera = file.create_dataset(f"{IMAGES}/top", (3,), dtype=h5py.vlen_dtype(np.uint8))
         for t, frame in enumerate(frames):
             camera[t] = np.frombuffer(encode_jpeg(frame), dtype=np.uint8)
-    dataset = RobotEpisodeDataset([path], SPEC, compute_stats([path]))
-    assert dataset.episodes[0].compressed and not dataset.episodes[0].sim
-    assert check_frames_decode(path, SPEC) == {"top": (24, 32)}
+    dataset = RobotEpisodeDataset(hdf5_episodes([path]), SPEC, compute_stats(hdf5_episodes([path])))
+    assert dataset.infos[0].compressed and not dataset.infos[0].sim
+    assert episode(path).check_decode(SPEC) == {"top": (24, 32)}
     expected = np.asarray(Image.fromarray(frames[2]).resize((20, 16), Image.Resampling.BILINEAR), float)
     assert np.abs(np.asarray(dataset[2].images[0], float) - expected).mean() < 3
 
@@ -206,7 +210,7 @@ def test_dataloader_workers_match_single_process(tmp_path):
 def test_stats_streamed_equal_numpy_on_concatenation(tmp_path):
     lengths = (7, 12, 5)
     paths = [make_episode(tmp_path / f"ep{i}.hdf5", length=n, seed=i) for i, n in enumerate(lengths)]
-    stats = compute_stats(paths)
+    stats = compute_stats(hdf5_episodes(paths))
     actions = np.concatenate([episode_arrays(n, i)[0] for i, n in enumerate(lengths)]).astype(np.float64)
     qpos = np.concatenate([episode_arrays(n, i)[1] for i, n in enumerate(lengths)]).astype(np.float64)
     assert (stats.episodes, stats.frames) == (3, 24)
@@ -238,7 +242,7 @@ def test_constant_dimensions_normalise_finitely(tmp_path):
 
 
 def test_stats_json_round_trip(tmp_path):
-    stats = compute_stats([make_episode(tmp_path / "ep.hdf5")])
+    stats = compute_stats(hdf5_episodes([make_episode(tmp_path / "ep.hdf5")]))
     loaded = NormStats.load(stats.save(tmp_path / "stats.json"))
     for name, value in vars(stats).items():
         np.testing.assert_array_equal(getattr(loaded, name), value)
@@ -283,13 +287,13 @@ def test_inspect_episode_names_file_and_field(tmp_path, prepare, spec_change, me
     path = prepare(make_episode(tmp_path / "ep3.hdf5", cameras=("top", "left")))
     spec = RobotSpec(**{**vars(SPEC), **spec_change})
     with pytest.raises(VlaflowError) as error:
-        inspect_episode(path, spec)
+        episode(path).inspect(spec)
     assert str(error.value) == f"{path}: {message}"
 
 
 def test_inspect_episode_reports_contents(tmp_path):
     path = make_episode(tmp_path / "ep.hdf5", cameras=("top", "left"), sim=False, reasoning="why")
-    info = inspect_episode(path, SPEC)
+    info = episode(path).inspect(SPEC)
     assert (info.frames, info.sim, info.action_dim, info.state_dim) == (10, False, ACTION_DIM, STATE_DIM)
     assert info.cameras == ("left", "top") and info.image_shapes == {"top": (24, 32, 3)}
     assert (info.compressed, info.instruction, info.reasoning, info.has_substep_reasonings) == (
@@ -305,16 +309,16 @@ def test_nan_in_actions_named_by_stats(tmp_path):
     with h5py.File(path, "a") as file:
         file[ACTION][6, 1] = np.nan
     with pytest.raises(VlaflowError, match=f"^{re.escape(str(path))}: /action: NaN or infinite value at frame 6$"):
-        compute_stats([path])
+        compute_stats(hdf5_episodes([path]))
 
 
 def test_not_an_hdf5_file(tmp_path):
     path = tmp_path / "ep.hdf5"
     path.write_text("not hdf5")
     with pytest.raises(VlaflowError, match=f"^{re.escape(str(path))}: not a readable HDF5 file"):
-        inspect_episode(path, SPEC)
+        episode(path).inspect(SPEC)
     with pytest.raises(VlaflowError, match=f"^{re.escape(str(path))}: not a readable HDF5 file"):
-        compute_stats([path])
+        compute_stats(hdf5_episodes([path]))
 
 
 def test_corrupt_jpeg_named_by_frame_check_and_loading(tmp_path):
@@ -324,7 +328,7 @@ def test_corrupt_jpeg_named_by_frame_check_and_loading(tmp_path):
     dataset = dataset_of([path])  # shapes alone look fine
     message = f"^{re.escape(str(path))}: /observations/images/top: frame 4 does not decode"
     with pytest.raises(VlaflowError, match=message):
-        check_frames_decode(path, SPEC)
+        episode(path).check_decode(SPEC)
     with pytest.raises(VlaflowError, match=message):
         dataset[4]
 
@@ -340,7 +344,7 @@ def test_list_episode_files(tmp_path):
 
 
 def test_no_episodes_is_an_error(tmp_path):
-    stats = compute_stats([make_episode(tmp_path / "ep.hdf5")])
+    stats = compute_stats(hdf5_episodes([make_episode(tmp_path / "ep.hdf5")]))
     with pytest.raises(VlaflowError, match="no robot episodes"):
         RobotEpisodeDataset([], SPEC, stats)
     with pytest.raises(VlaflowError, match="no episodes"):
@@ -353,7 +357,7 @@ RELATIVE_SPEC = RobotSpec(cameras=("top",), image_size=(16, 20), action_dim=3, s
 @pytest.mark.parametrize("sim", [True, False])
 def test_relative_actions_are_offsets_from_the_observed_state_within_their_range(tmp_path, sim):
     paths = [make_episode(tmp_path / f"{seed}.hdf5", sim=sim, seed=seed, action_dim=3, state_dim=3) for seed in (1, 2)]
-    stats = compute_stats(paths, delta_horizon=CHUNK)
+    stats = compute_stats(hdf5_episodes(paths), delta_horizon=CHUNK)
     offsets = []  # every action of every chunk a sample can hold, minus its sample's state
     for seed in (1, 2):
         actions, qpos = episode_arrays(10, seed, 3, 3)
@@ -366,7 +370,7 @@ def test_relative_actions_are_offsets_from_the_observed_state_within_their_range
     assert (stats.delta_min <= offsets.min(axis=0) + 1e-6).all() and (
         stats.delta_max >= offsets.max(axis=0) - 1e-6
     ).all()
-    dataset = RobotEpisodeDataset(paths, RELATIVE_SPEC, stats)
+    dataset = RobotEpisodeDataset(hdf5_episodes(paths), RELATIVE_SPEC, stats)
     actions, qpos = episode_arrays(10, 1, 3, 3)
     sample = dataset[3]
     state = stats.unnormalize_state(sample.state)
@@ -389,7 +393,7 @@ def test_relative_actions_are_offsets_from_the_observed_state_within_their_range
 
 def test_relative_actions_batch_and_need_the_state(tmp_path):
     path = make_episode(tmp_path / "ep.hdf5", action_dim=3, state_dim=3)
-    stats = compute_stats([path], delta_horizon=CHUNK)
+    stats = compute_stats(hdf5_episodes([path]), delta_horizon=CHUNK)
     chunks = np.repeat(np.random.default_rng(0).uniform(-1, 1, size=(1, CHUNK, 3)), 2, axis=0)
     states = np.array([[0.0, 1.0, 2.0], [5.0, -5.0, 0.5]])
     batched = stats.unnormalize_actions(chunks, states)
@@ -403,17 +407,17 @@ def test_relative_actions_batch_and_need_the_state(tmp_path):
 def test_relative_actions_need_one_action_per_state_dimension(tmp_path):
     path = make_episode(tmp_path / "ep.hdf5")  # 4 actions, 3 state values
     with pytest.raises(VlaflowError, match=f"^{re.escape(str(path))}: /action: dimension 4, /observations/qpos has 3"):
-        compute_stats([path], delta_horizon=CHUNK)
+        compute_stats(hdf5_episodes([path]), delta_horizon=CHUNK)
 
 
 def test_relative_statistics_round_trip_and_older_files_read_as_absolute(tmp_path):
     path = make_episode(tmp_path / "ep.hdf5", action_dim=3, state_dim=3)
-    relative = compute_stats([path], delta_horizon=CHUNK)
+    relative = compute_stats(hdf5_episodes([path]), delta_horizon=CHUNK)
     loaded = NormStats.load(relative.save(tmp_path / "relative.json"))
     assert loaded.delta_horizon == CHUNK
     np.testing.assert_array_equal(loaded.delta_min, relative.delta_min)
     np.testing.assert_array_equal(loaded.delta_max, relative.delta_max)
-    absolute = json.loads(compute_stats([path]).save(tmp_path / "absolute.json").read_text())
+    absolute = json.loads(compute_stats(hdf5_episodes([path])).save(tmp_path / "absolute.json").read_text())
     assert "delta_min" not in absolute
     del absolute["delta_horizon"]  # as written before relative actions existed
     (tmp_path / "older.json").write_text(json.dumps(absolute))

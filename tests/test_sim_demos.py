@@ -4,7 +4,7 @@ import h5py
 import numpy as np
 import pytest
 
-from vlaflow.data import episode_format
+from vlaflow.data import hdf5_episodes
 from vlaflow.data.language import TRANSFER_CUBE_INSTRUCTION, TRANSFER_CUBE_REASONING
 from vlaflow.data.robot_dataset import RobotEpisodeDataset
 from vlaflow.data.samples import RobotSpec
@@ -75,15 +75,15 @@ def test_record_demos_writes_successful_episodes(demos):
     assert summary["failures"] == [] and (summary["height"], summary["width"], summary["camera"]) == (48, 64, "top")
     assert summary["shadows"] is True
     with h5py.File(report.paths[0]) as file:
-        assert file.attrs[episode_format.SIM_ATTRIBUTE]
-        assert file[episode_format.ACTION].shape == (EPISODE_LENGTH, 14)
-        assert file[episode_format.QPOS].shape == (EPISODE_LENGTH, 14)
-        assert file[episode_format.QVEL].shape == (EPISODE_LENGTH, 14)
-        frames = file[f"{episode_format.IMAGES}/top"][()]
+        assert file.attrs[hdf5_episodes.SIM_ATTRIBUTE]
+        assert file[hdf5_episodes.ACTION].shape == (EPISODE_LENGTH, 14)
+        assert file[hdf5_episodes.QPOS].shape == (EPISODE_LENGTH, 14)
+        assert file[hdf5_episodes.QVEL].shape == (EPISODE_LENGTH, 14)
+        frames = file[f"{hdf5_episodes.IMAGES}/top"][()]
         assert frames.shape == (EPISODE_LENGTH, HEIGHT, WIDTH, 3) and frames.dtype == np.uint8
         assert not np.array_equal(frames[0], frames[-1])  # the arms moved in view
-        assert file[episode_format.LANGUAGE][0].decode() == TRANSFER_CUBE_INSTRUCTION
-        reasonings = [text.decode() for text in file[episode_format.SUBSTEP_REASONINGS]]
+        assert file[hdf5_episodes.LANGUAGE][0].decode() == TRANSFER_CUBE_INSTRUCTION
+        reasonings = [text.decode() for text in file[hdf5_episodes.SUBSTEP_REASONINGS]]
     assert len(reasonings) == EPISODE_LENGTH
     assert list(dict.fromkeys(reasonings)) == list(TRANSFER_CUBE_REASONING.values())
 
@@ -92,8 +92,8 @@ def test_record_demos_writes_successful_episodes(demos):
 def test_recorded_actions_succeed_again_in_a_fresh_simulator(demos):
     _, report = demos
     with h5py.File(report.paths[1]) as file:
-        actions = file[episode_format.ACTION][()]
-        qpos = file[episode_format.QPOS][()]
+        actions = file[hdf5_episodes.ACTION][()]
+        qpos = file[hdf5_episodes.QPOS][()]
     sim = AlohaSim(SIM_TASKS["transfer_cube"], HEIGHT, WIDTH)
     state = sim.reset(seed=1)
     np.testing.assert_allclose(state.qpos, qpos[0], atol=1e-6)
@@ -119,7 +119,8 @@ def test_frames_are_rendered_on_demand_with_or_without_shadows():
 def test_demos_load_through_the_robot_dataset(demos):
     _, report = demos
     spec = RobotSpec(cameras=("top",), image_size=(32, 40), action_dim=14, state_dim=14, chunk_size=16)
-    dataset = RobotEpisodeDataset(report.paths, spec, compute_stats(report.paths))
+    episodes = hdf5_episodes.hdf5_episodes(report.paths)
+    dataset = RobotEpisodeDataset(episodes, spec, compute_stats(episodes))
     assert len(dataset) == 2 * EPISODE_LENGTH
     sample = dataset[EPISODE_LENGTH + 150]
     assert sample.source.endswith("episode_0001.hdf5:150")

@@ -10,7 +10,7 @@ import pytest
 
 from tests.training_helpers import train_on_sim_demos
 from vlaflow.config import ConfigError, validate_config
-from vlaflow.data import episode_format
+from vlaflow.data import hdf5_episodes
 from vlaflow.data.language import INSERTION_INSTRUCTION, INSERTION_REASONING, TRANSFER_CUBE_INSTRUCTION
 from vlaflow.errors import VlaflowError
 from vlaflow.evaluation.metrics import METRICS_FILE, read_metrics
@@ -91,9 +91,9 @@ def test_insertion_demos_record_their_task_instruction_and_phases(insertion_run)
     assert report.successes == 2
     assert json.loads((folder / SUMMARY_FILE).read_text())["task"] == "insertion"
     with h5py.File(report.paths[0]) as file:
-        assert file[episode_format.LANGUAGE][0].decode() == INSERTION_INSTRUCTION
-        reasonings = [text.decode() for text in file[episode_format.SUBSTEP_REASONINGS]]
-        actions = file[episode_format.ACTION][()]
+        assert file[hdf5_episodes.LANGUAGE][0].decode() == INSERTION_INSTRUCTION
+        reasonings = [text.decode() for text in file[hdf5_episodes.SUBSTEP_REASONINGS]]
+        actions = file[hdf5_episodes.ACTION][()]
     assert list(dict.fromkeys(reasonings)) == list(INSERTION_REASONING.values())
     sim = AlohaSim(sim_task("insertion"), HEIGHT, WIDTH, shadows=False)
     sim.reset(seed=json.loads((folder / SUMMARY_FILE).read_text())["episodes"][0]["seed"])

@@ -34,7 +34,7 @@ from vlaflow.backbone.download import BUILTIN_TINY, download
 from vlaflow.backbone.folder import load_vla
 from vlaflow.backbone.vla_config import make_vla_folder
 from vlaflow.data.collator import Collator
-from vlaflow.data.episode_format import (
+from vlaflow.data.hdf5_episodes import (
     ACTION,
     IMAGES,
     LANGUAGE,
@@ -42,6 +42,7 @@ from vlaflow.data.episode_format import (
     REASONING,
     SIM_ATTRIBUTE,
     SUBSTEP_REASONINGS,
+    hdf5_episodes,
     write_episode,
 )
 from vlaflow.data.images import decode_frame
@@ -197,7 +198,7 @@ def memory_growth(dataset: RobotEpisodeDataset, counts: tuple[int, ...]) -> list
     first_step = 0
     for episode in range(max(counts)):
         dataset[first_step]
-        first_step += dataset.episodes[episode].frames
+        first_step += dataset.infos[episode].frames
         if episode + 1 in counts:
             growth.append(resident_mib() - base)
     return growth
@@ -239,7 +240,8 @@ def main() -> None:
             (Path(tmp) / name).mkdir()
             paths = write_episodes(Path(tmp) / name, case, args.episodes, args.steps)
             spec = RobotSpec(case.cameras, IMAGE_SIZE, ACTION_DIM, STATE_DIM, CHUNK_SIZE)
-            ours = RobotEpisodeDataset(paths, spec, compute_stats(paths))
+            episodes = hdf5_episodes(paths)
+            ours = RobotEpisodeDataset(episodes, spec, compute_stats(episodes))
             upstream = UpstreamPatternDataset(ours)
             check_same_samples(ours, upstream, [0, 1, args.steps - 1, len(ours) - 1])
             # Random order, as in training; repeated so that no run runs out of indices.
@@ -260,7 +262,8 @@ def main() -> None:
                 )
             (Path(tmp) / f"{name}_memory").mkdir()
             paths = write_episodes(Path(tmp) / f"{name}_memory", case, max(MEMORY_EPISODES), 2)
-            dataset = RobotEpisodeDataset(paths, spec, compute_stats(paths))
+            episodes = hdf5_episodes(paths)
+            dataset = RobotEpisodeDataset(episodes, spec, compute_stats(episodes))
             with multiprocessing.get_context("spawn").Pool(1) as fresh:
                 memory[name] = fresh.apply(memory_growth, (dataset, MEMORY_EPISODES))
     print(f"\n| case | resident memory growth after 1 / {' / '.join(map(str, MEMORY_EPISODES[1:]))} episodes |")

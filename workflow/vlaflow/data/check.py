@@ -14,7 +14,6 @@ from vlaflow.config import load_config, stage_settings
 from vlaflow.data.conversations import open_image, parse_entry, read_annotation
 from vlaflow.data.mixing import MixSampler, epoch_order
 from vlaflow.data.registry import ROBOT, VL, RobotEntry, VLEntry
-from vlaflow.data.robot_dataset import check_frames_decode, inspect_episode, list_episode_files
 from vlaflow.data.samples import VLSample
 from vlaflow.data.stage_data import build_stage_data, load_registry, robot_spec, stage_selections
 from vlaflow.data.stats import compute_stats
@@ -85,7 +84,7 @@ def check_robot(entry: RobotEntry, config: dict, image_sample: int | None) -> Da
     summary = DatasetSummary(entry.name, ROBOT)
     try:
         spec = robot_spec(config, entry)
-        paths = list_episode_files(entry.path)
+        episodes = entry.all_episodes()
         for split in {"train", *entry.splits}:
             entry.episodes(split)
     except VlaflowError as error:
@@ -94,13 +93,13 @@ def check_robot(entry: RobotEntry, config: dict, image_sample: int | None) -> Da
     summary.cameras = ", ".join(spec.cameras)
     summary.dims = f"{spec.action_dim} / {spec.state_dim}"
     summary.images_per_sample.add(len(spec.cameras))
-    decode = _sampled(len(paths), image_sample, config["data"]["seed"])
-    for index, path in enumerate(paths):
+    decode = _sampled(len(episodes), image_sample, config["data"]["seed"])
+    for index, episode in enumerate(episodes):
         try:
-            info = inspect_episode(path, spec)
-            compute_stats([path])  # finds NaN / inf in actions and states
+            info = episode.inspect(spec)
+            compute_stats([episode])  # finds NaN / inf in actions and states
             if index in decode:
-                check_frames_decode(path, spec)
+                episode.check_decode(spec)
         except VlaflowError as error:
             summary.problems.append(str(error))
             continue

@@ -5,7 +5,11 @@ datasets, and the `name%NN` selections a training stage makes from it.
       kind: robot
       path: aloha_sim_transfer_cube     # relative paths start at the config's data.root
       cameras: [top]                    # optional: this dataset's camera for each model input
-      splits: {val: [episode_000[01].hdf5]}  # optional: glob patterns; `train` is the rest
+      splits: {val: [episode_000[01].hdf5]}  # optional: glob patterns over episode names; `train` is the rest
+    libero_spatial:                     # a robot dataset in another storage format (episode_formats.py)
+      kind: robot
+      format: lerobot
+      path: libero_spatial
     sharegpt4v_coco:                    # a vision-language dataset: LLaVA conversation JSON
       kind: vl
       annotation: LLaVA-OneVision-COCO/llava_jsons/sharegpt4v_coco.json
@@ -20,13 +24,14 @@ from pathlib import Path
 import numpy as np
 
 from vlaflow.config import read_yaml
-from vlaflow.data.robot_dataset import list_episode_files
+from vlaflow.data.episode_formats import DEFAULT_FORMAT, EPISODE_FORMATS
+from vlaflow.data.episodes import Episode
 from vlaflow.errors import VlaflowError
 
 ROBOT, VL = "robot", "vl"
 TRAIN_SPLIT = "train"
 ALL = "all"
-_ENTRY_KEYS = {ROBOT: {"kind", "path", "cameras", "splits"}, VL: {"kind", "annotation", "images"}}
+_ENTRY_KEYS = {ROBOT: {"kind", "format", "path", "cameras", "splits"}, VL: {"kind", "annotation", "images"}}
 _REQUIRED_KEYS = {ROBOT: ("path",), VL: ("annotation",)}
 
 
@@ -36,23 +41,27 @@ class RobotEntry:
     path: Path
     cameras: tuple[str, ...] | None = None
     splits: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    format: str = DEFAULT_FORMAT
+    options: dict = field(default_factory=dict)  # the format's own keys
     kind = ROBOT
 
-    def episodes(self, split: str = TRAIN_SPLIT) -> list[Path]:
-        """The episode files of a split, sorted; `train` is every episode no other split claims."""
-        files = list_episode_files(self.path)
+    def all_episodes(self) -> list[Episode]:
+        return EPISODE_FORMATS[self.format].episodes(self.path, self.options)
+
+    def episodes(self, split: str = TRAIN_SPLIT) -> list[Episode]:
+        """The episodes of a split, in the dataset's order; `train` is every episode no other split claims."""
+        episodes = self.all_episodes()
         if split not in self.splits and split != TRAIN_SPLIT:
             known = ", ".join(sorted({TRAIN_SPLIT, *self.splits}))
             raise VlaflowError(f"dataset '{self.name}': unknown split '{split}' (splits: {known})")
 
-        def in_split(file: Path, name: str) -> bool:
-            relative = file.relative_to(self.path).as_posix()
-            return any(fnmatch.fnmatch(relative, pattern) for pattern in self.splits[name])
+        def in_split(episode: Episode, name: str) -> bool:
+            return any(fnmatch.fnmatch(episode.name, pattern) for pattern in self.splits[name])
 
         if split in self.splits:
-            chosen = [file for file in files if in_split(file, split)]
+            chosen = [episode for episode in episodes if in_split(episode, split)]
         else:
-            chosen = [file for file in files if not any(in_split(file, other) for other in self.splits)]
+            chosen = [episode for episode in episodes if not any(in_split(episode, other) for other in self.splits)]
         if not chosen:
             raise VlaflowError(f"{self.path}: dataset '{self.name}': split '{split}' holds no episode")
         return chosen
@@ -133,10 +142,18 @@ def _parse_entry(source: Path, name: str, fields: object, data_root: Path) -> En
     kind = fields.get("kind")
     if kind not in _ENTRY_KEYS:
         raise VlaflowError(f"{where}.kind: must be '{ROBOT}' or '{VL}', got {kind!r}")
-    unknown = set(fields) - _ENTRY_KEYS[kind]
+    allowed_keys = set(_ENTRY_KEYS[kind])
+    episode_format = fields.get("format", DEFAULT_FORMAT) if kind == ROBOT else None
+    if kind == ROBOT:
+        if episode_format not in EPISODE_FORMATS:
+            known = ", ".join(sorted(EPISODE_FORMATS))
+            raise VlaflowError(f"{where}.format: unknown robot data format {episode_format!r} (formats: {known})")
+        allowed_keys |= EPISODE_FORMATS[episode_format].option_keys
+    unknown = set(fields) - allowed_keys
     if unknown:
-        allowed = ", ".join(sorted(_ENTRY_KEYS[kind]))
-        raise VlaflowError(f"{where}.{min(unknown)}: unknown key for a {kind} dataset (allowed: {allowed})")
+        allowed = ", ".join(sorted(allowed_keys))
+        described = f"a {kind} dataset" + (f" in format {episode_format}" if episode_format else "")
+        raise VlaflowError(f"{where}.{min(unknown)}: unknown key for {described} (allowed: {allowed})")
     for key in _REQUIRED_KEYS[kind]:
         if not isinstance(fields.get(key), str):
             raise VlaflowError(f"{where}.{key}: missing (a path)")
@@ -152,9 +169,14 @@ def _parse_entry(source: Path, name: str, fields: object, data_root: Path) -> En
         isinstance(patterns, list) and all(isinstance(p, str) for p in patterns) for patterns in splits.values()
     ):
         raise VlaflowError(f"{where}.splits: expected a mapping of split name to a list of glob patterns")
+    format_class = EPISODE_FORMATS[episode_format]
+    options = {key: fields[key] for key in format_class.option_keys if key in fields}
+    format_class.check_options(options, where)
     return RobotEntry(
         name,
         data_root / fields["path"],
         tuple(cameras) if cameras else None,
         {split: tuple(patterns) for split, patterns in splits.items()},
+        episode_format,
+        options,
     )

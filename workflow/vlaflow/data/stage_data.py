@@ -20,7 +20,7 @@ class StageData:
     dataset: MixedDataset
     mix: Mix | None
     stats: NormStats | None  # None for a stage without robot data
-    files: list[Path]  # the episode and annotation files the samples come from
+    files: list[Path]  # the files the samples come from: the episodes', the annotations
 
 
 def robot_spec(config: dict, entry: RobotEntry | None = None) -> RobotSpec:
@@ -80,7 +80,7 @@ def build_stage_data(
     episodes = {selection.entry.name: selection.entry.episodes(split) for selection in selections[ROBOT]}
     delta_horizon = config["model"]["chunk_size"] if data["relative_actions"] else 0
     if episodes and stats is None:
-        stats = compute_stats([path for paths in episodes.values() for path in paths], delta_horizon)
+        stats = compute_stats([episode for chosen in episodes.values() for episode in chosen], delta_horizon)
     elif episodes and stats.delta_horizon != delta_horizon:
         raise VlaflowError(
             f"{source}: data.relative_actions: {data['relative_actions']}, but the model this stage starts from "
@@ -106,7 +106,8 @@ def build_stage_data(
         ConcatDataset(robot_parts) if robot_parts else None, ConcatDataset(vl_parts) if vl_parts else None
     )
     mix_settings = config["stages"][stage].get("mix")
-    files = [Path(path) for paths in episodes.values() for path in paths]
+    files = [file for chosen in episodes.values() for episode in chosen for file in episode.files()]
     files += [Path(selection.entry.annotation) for selection in selections[VL]]
+    files = list(dict.fromkeys(files))  # a LeRobot dataset's episodes share their files
     mix = Mix.from_config(mix_settings) if mix_settings else None
     return StageData(mixed, mix, stats if robot_parts else None, files)

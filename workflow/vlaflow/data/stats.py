@@ -19,10 +19,9 @@ import math
 from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 
-import h5py
 import numpy as np
 
-from vlaflow.data.episode_format import ACTION, QPOS
+from vlaflow.data.episodes import Episode
 from vlaflow.errors import VlaflowError
 from vlaflow.fs import atomic_file
 
@@ -179,40 +178,36 @@ class _RunningMoments:
         return np.sqrt(np.maximum(variance, 0.0))
 
 
-def _read_rows(file: h5py.File, path: Path, key: str, expected_dim: int | None) -> np.ndarray:
-    if key not in file:
-        raise VlaflowError(f"{path}: /{key}: missing")
-    rows = file[key][()]
+def _checked_rows(rows: np.ndarray, where: str, expected_dim: int | None) -> np.ndarray:
     if rows.ndim != 2:
-        raise VlaflowError(f"{path}: /{key}: shape {rows.shape}, expected (frames, dimension)")
+        raise VlaflowError(f"{where}: shape {rows.shape}, expected (frames, dimension)")
     if expected_dim is not None and rows.shape[1] != expected_dim:
-        raise VlaflowError(f"{path}: /{key}: dimension {rows.shape[1]}, earlier episodes have {expected_dim}")
+        raise VlaflowError(f"{where}: dimension {rows.shape[1]}, earlier episodes have {expected_dim}")
     if not np.isfinite(rows).all():
         frame = int(np.flatnonzero(~np.isfinite(rows).all(axis=1))[0])
-        raise VlaflowError(f"{path}: /{key}: NaN or infinite value at frame {frame}")
+        raise VlaflowError(f"{where}: NaN or infinite value at frame {frame}")
     return rows
 
 
-def compute_stats(episode_paths: list[Path], delta_horizon: int = 0) -> NormStats:
+def compute_stats(episodes: list[Episode], delta_horizon: int = 0) -> NormStats:
     """Statistics over every frame of every episode, streaming: one episode's actions and states in
     memory at a time, never its images. With a `delta_horizon`, also those of every
     `action[t + k] - state[t]` within an episode for `-1 <= k < delta_horizon`: a real robot's
     chunk starts one action early (robot_dataset), a simulated one's at `t`."""
-    if not episode_paths:
+    if not episodes:
         raise VlaflowError("no episodes to compute normalisation statistics from")
     actions: _RunningMoments | None = None
     states: _RunningMoments | None = None
     deltas: _RunningMoments | None = None
-    for path in episode_paths:
-        try:
-            file = h5py.File(path, "r")
-        except OSError as error:
-            raise VlaflowError(f"{path}: not a readable HDF5 file ({error})") from None
-        with file:
-            action_rows = _read_rows(file, path, ACTION, None if actions is None else len(actions.sum))
-            state_rows = _read_rows(file, path, QPOS, None if states is None else len(states.sum))
+    for episode in episodes:
+        rows = episode.rows()
+        action_where = f"{episode.source}: {rows.action_field}"
+        action_rows = _checked_rows(rows.actions, action_where, None if actions is None else len(actions.sum))
+        state_rows = _checked_rows(
+            rows.states, f"{episode.source}: {rows.state_field}", None if states is None else len(states.sum)
+        )
         if len(action_rows) != len(state_rows):
-            raise VlaflowError(f"{path}: /{ACTION}: {len(action_rows)} frames, /{QPOS} has {len(state_rows)}")
+            raise VlaflowError(f"{action_where}: {len(action_rows)} frames, {rows.state_field} has {len(state_rows)}")
         actions = actions or _RunningMoments(action_rows.shape[1])
         states = states or _RunningMoments(state_rows.shape[1])
         actions.add(action_rows)
@@ -220,7 +215,7 @@ def compute_stats(episode_paths: list[Path], delta_horizon: int = 0) -> NormStat
         if delta_horizon:
             if action_rows.shape[1] != state_rows.shape[1]:
                 raise VlaflowError(
-                    f"{path}: /{ACTION}: dimension {action_rows.shape[1]}, /{QPOS} has {state_rows.shape[1]}: "
+                    f"{action_where}: dimension {action_rows.shape[1]}, {rows.state_field} has {state_rows.shape[1]}: "
                     "relative actions (data.relative_actions) need one action per state dimension"
                 )
             deltas = deltas or _RunningMoments(action_rows.shape[1])
@@ -228,7 +223,7 @@ def compute_stats(episode_paths: list[Path], delta_horizon: int = 0) -> NormStat
             for offset in range(min(delta_horizon, len(action_rows))):
                 deltas.add(action_rows[offset:] - state_rows[: len(state_rows) - offset])
     if actions.count == 0:
-        raise VlaflowError(f"none of the {len(episode_paths)} episodes has a frame (first: {episode_paths[0]})")
+        raise VlaflowError(f"none of the {len(episodes)} episodes has a frame (first: {episodes[0].source})")
     return NormStats(
         action_min=actions.min,
         action_max=actions.max,
@@ -238,7 +233,7 @@ def compute_stats(episode_paths: list[Path], delta_horizon: int = 0) -> NormStat
         state_std=states.std(),
         state_min=states.min,
         state_max=states.max,
-        episodes=len(episode_paths),
+        episodes=len(episodes),
         frames=actions.count,
         delta_min=deltas.min if deltas else None,
         delta_max=deltas.max if deltas else None,

@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import ConcatDataset
 
-from vlaflow.data.robot_dataset import RobotEpisodeDataset, inspect_episode
+from vlaflow.data.robot_dataset import RobotEpisodeDataset
 from vlaflow.data.stage_data import robot_spec
 from vlaflow.errors import VlaflowError
 from vlaflow.evaluation.metrics import add_metrics
@@ -206,7 +206,7 @@ def simulation_setups(
 
 def _recorded_setup(policy: Policy | RemotePolicy, entry, render_size: tuple[int, int] | None) -> SimulationSetup:
     spec = robot_spec(policy.config, entry)
-    instruction = inspect_episode(entry.episodes()[0], spec).instruction
+    instruction = entry.episodes()[0].inspect(spec).instruction
     summary = entry.path / SUMMARY_FILE
     recorded = json.loads(summary.read_text()) if summary.is_file() else {}
     if render_size is None and recorded:

@@ -12,7 +12,7 @@ import numpy as np
 from gym_aloha.constants import normalize_puppet_gripper_position
 
 from vlaflow.cpus import available_cpus
-from vlaflow.data.episode_format import write_episode
+from vlaflow.data.hdf5_episodes import write_episode
 from vlaflow.errors import VlaflowError
 from vlaflow.fs import atomic_directory
 from vlaflow.sim.aloha import MAX_REWARD, AlohaSim, EndEffectorAlohaSim

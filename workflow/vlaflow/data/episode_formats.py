@@ -1,0 +1,10 @@
+"""The robot episode formats a registry entry can name with `format:`; a new format is one entry
+here and one `EpisodeFormat` subclass (see `episodes.py`)."""
+
+from vlaflow.data.episodes import EpisodeFormat
+from vlaflow.data.hdf5_episodes import Hdf5Format
+
+EPISODE_FORMATS: dict[str, type[EpisodeFormat]] = {
+    Hdf5Format.name: Hdf5Format,
+}
+DEFAULT_FORMAT = Hdf5Format.name
