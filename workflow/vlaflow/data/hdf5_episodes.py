@@ -238,9 +238,7 @@ class Hdf5Episode(Episode):
                     raise VlaflowError(f"{path}: /{IMAGES}/{camera}: camera missing (episode has: {listing})")
                 camera_frames = _dataset(file, path, f"{IMAGES}/{camera}")
                 if len(camera_frames) != frames:
-                    raise VlaflowError(
-                        f"{path}: /{IMAGES}/{camera}: {len(camera_frames)} frames, /{QPOS} has {frames}"
-                    )
+                    raise VlaflowError(f"{path}: /{IMAGES}/{camera}: {len(camera_frames)} frames, /{QPOS} has {frames}")
                 image_shapes[camera] = None if _is_jpeg_layout(camera_frames, path) else tuple(camera_frames.shape[1:])
             language = _dataset(file, path, LANGUAGE)
             if language.size == 0:
@@ -299,8 +297,7 @@ class Hdf5Episode(Episode):
 def hdf5_episodes(paths: list[Path], root: Path | None = None) -> list[Hdf5Episode]:
     """Episodes of the given files; their names are relative to `root` where given."""
     return [
-        Hdf5Episode(Path(path), Path(path).relative_to(root).as_posix() if root else Path(path).name)
-        for path in paths
+        Hdf5Episode(Path(path), Path(path).relative_to(root).as_posix() if root else Path(path).name) for path in paths
     ]
 
 
