@@ -34,8 +34,10 @@ def episode_arrays(length: int, seed: int = 0, action_dim: int = ACTION_DIM, sta
 def make_episode(
     path, length=10, sim=True, seed=0, cameras=("top",), action_dim=ACTION_DIM, state_dim=STATE_DIM, **kwargs
 ):
+    """`cameras`: names (frames of 24x32), or a mapping of name to (height, width)."""
     actions, qpos = episode_arrays(length, seed, action_dim, state_dim)
-    images = {camera: smooth_frames(length, seed=seed) for camera in cameras}
+    sizes = cameras if isinstance(cameras, dict) else dict.fromkeys(cameras, (24, 32))
+    images = {camera: smooth_frames(length, *size, seed=seed) for camera, size in sizes.items()}
     kwargs.setdefault("language", f"task {seed}")
     return write_episode(path, actions=actions, qpos=qpos, images=images, sim=sim, **kwargs)
 

@@ -94,6 +94,19 @@ def _data_aloha_demos(args) -> None:
     )
 
 
+def _data_convert(args) -> None:
+    from vlaflow.data.episode_formats import EPISODE_FORMATS
+    from vlaflow.data.lerobot_writer import convert_to_lerobot
+
+    if args.source_format not in EPISODE_FORMATS:
+        raise VlaflowError(
+            f"--from: unknown robot data format {args.source_format!r} (formats: {', '.join(EPISODE_FORMATS)})"
+        )
+    episodes = EPISODE_FORMATS[args.source_format].episodes(args.source, {})
+    convert_to_lerobot(episodes, args.out, fps=args.fps, robot_type=args.robot_type)
+    print(f"{len(episodes)} episodes of {args.source} written as a LeRobot v3.0 dataset to {args.out}")
+
+
 def _train(args) -> None:
     from vlaflow.training.run import train
 
@@ -263,6 +276,18 @@ def _add_data_commands(commands) -> None:
     demos.add_argument("--seed", type=int, default=0, help="first seed; episode i uses the i-th seed tried")
     demos.add_argument("--task", help="the simulator task (vlaflow.sim.tasks; default: transfer_cube)")
     demos.set_defaults(run=_data_aloha_demos)
+
+    convert = data_commands.add_parser(
+        "convert", help="a folder of robot episodes as a LeRobot v3.0 dataset (LeRobot's tools read it)"
+    )
+    convert.add_argument("source", type=Path, help="the dataset folder to read")
+    convert.add_argument("out", type=Path, help="the new dataset's folder (must not exist)")
+    convert.add_argument("--from", dest="source_format", default="hdf5", help="the source's format (default: hdf5)")
+    convert.add_argument(
+        "--fps", type=positive_int, default=50, help="frames per second of the recording (default: 50, ALOHA's)"
+    )
+    convert.add_argument("--robot-type", help="LeRobot's robot_type, e.g. aloha")
+    convert.set_defaults(run=_data_convert)
 
 
 def build_parser() -> argparse.ArgumentParser:

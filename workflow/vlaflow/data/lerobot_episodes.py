@@ -263,16 +263,15 @@ class VideoDecoder:
             if self._last[0] >= seconds - tolerance:
                 break
         if self._last is None or abs(self._last[0] - seconds) > tolerance:
-            found = "the video ends before" if self._last is None else f"the nearest frame is at {self._last[0]:.3f} s"
+            if self._last is None:
+                found = "the video has no frames there"
+            elif self._last[0] < seconds:
+                found = f"the last frame is at {self._last[0]:.3f} s"
+            else:
+                found = f"the nearest frame is at {self._last[0]:.3f} s"
             self._last = None
             raise VlaflowError(f"{self.path}: no frame at {seconds:.3f} s ({found})")
         return self._last[1].to_ndarray(format="rgb24")
-
-    def duration(self) -> float:
-        """Seconds from the first frame's start to the last one's end."""
-        if self.stream.duration is not None:
-            return self.stream.duration * self.time_base
-        return float(self.container.duration or 0) / av.time_base
 
     def close(self) -> None:
         self.container.close()
