@@ -27,6 +27,8 @@ from pathlib import Path
 
 import av
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image
 
@@ -203,16 +205,35 @@ class _DataFile:
     starts: dict[int, tuple[int, int]]
 
 
+def _numpy(column: pa.ChunkedArray, path: Path, name: str) -> np.ndarray:
+    """A numeric column, a list column as (rows, width)."""
+    array = column.combine_chunks()
+    if not pa.types.is_list(array.type) and not pa.types.is_fixed_size_list(array.type):
+        return array.to_numpy(zero_copy_only=False)
+    widths = pc.unique(pc.list_value_length(array)).to_pylist()
+    if len(widths) > 1:
+        raise VlaflowError(f"{path}: {name}: rows of different lengths ({', '.join(map(str, sorted(widths)))})")
+    flat = array.flatten().to_numpy(zero_copy_only=False)
+    return flat.reshape(len(array), widths[0] if widths else 0)
+
+
 def _read_data_file(key: tuple[Path, str, str]) -> _DataFile:
+    """Only the columns vlaflow reads: a data file may also hold images."""
     path, action_key, state_key = key
-    table = _read_table(path, None)
-    columns = {}
-    for name in (*FRAME_COLUMNS, action_key, state_key):
-        values = _column(table, path, name)
-        try:
-            columns[name] = np.asarray(values, dtype=np.float32 if name in (action_key, state_key) else None)
-        except ValueError:
-            raise VlaflowError(f"{path}: {name}: rows of different lengths") from None
+    names = list(dict.fromkeys((*FRAME_COLUMNS, action_key, state_key)))
+    try:
+        present = set(pq.read_schema(path).names)
+    except FileNotFoundError:
+        raise VlaflowError(f"{path}: no such file") from None
+    except (OSError, ValueError) as error:
+        raise VlaflowError(f"{path}: not a readable parquet file ({str(error).splitlines()[0]})") from None
+    for name in names:
+        if name not in present:
+            raise VlaflowError(f"{path}: {name}: column missing")
+    table = pq.read_table(path, columns=names)
+    columns = {name: _numpy(table[name], path, name) for name in names}
+    for name in (action_key, state_key):
+        columns[name] = columns[name].astype(np.float32)
     episode_index = columns["episode_index"].astype(np.int64)
     boundaries = np.flatnonzero(np.diff(episode_index)) + 1
     starts = {}
@@ -339,6 +360,8 @@ class LeRobotEpisode(Episode):
         for name, key in (("action", action_key), ("state", state_key)):
             values = data.columns[key][start:stop]
             shape = list(self.meta.features.get(key, {}).get("shape", []))
+            if values.ndim == 1 and shape == [1]:  # a one-value feature stored as a plain column
+                values = values[:, None]
             if values.ndim != 2 or [values.shape[1]] != shape:
                 raise VlaflowError(
                     f"{self.source}: {key}: {values.shape[1:] or 'one value'} per frame, {INFO_FILE} says {shape}"
