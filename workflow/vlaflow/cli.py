@@ -7,6 +7,7 @@ import signal
 import sys
 from pathlib import Path
 
+from vlaflow.config import schema_defaults
 from vlaflow.cpus import limit_torch_threads
 from vlaflow.errors import VlaflowError
 from vlaflow.models.scale_dp.configuration_scale_dp import SCALE_DP_SIZES
@@ -347,8 +348,9 @@ def build_parser() -> argparse.ArgumentParser:
     vqa.add_argument("--benchmarks", nargs="+", required=True, metavar="NAME", help="read from LMUDATA/<NAME>.tsv")
     vqa.add_argument("--lmudata", type=Path, required=True, help="VLMEvalKit's LMUData folder")
     vqa.add_argument("--out", type=Path, required=True, help="a new folder for predictions and accuracies")
-    vqa.add_argument("--batch-size", type=positive_int, default=8)
-    vqa.add_argument("--max-new-tokens", type=positive_int, default=16)
+    vqa_defaults = schema_defaults("evaluation", "vqa")
+    vqa.add_argument("--batch-size", type=positive_int, default=vqa_defaults["batch_size"])
+    vqa.add_argument("--max-new-tokens", type=positive_int, default=vqa_defaults["max_new_tokens"])
     vqa.add_argument("--limit", type=positive_int, help="only the first N questions of each benchmark")
     vqa.add_argument(
         "--kinds",
@@ -369,13 +371,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="folder for open_loop.json and, per simulator task, closed_loop_<task>.json and rollout_<task>.gif",
     )
     robot.add_argument("--open-loop", action=argparse.BooleanOptionalAction, default=True)
-    robot.add_argument("--split", default="val", help="the registry split of held-out episodes")
+    robot_defaults = schema_defaults("evaluation", "robot")
+    robot.add_argument("--split", default=robot_defaults["split"], help="the registry split of held-out episodes")
     robot.add_argument("--datasets", nargs="+", help="registry names (default: the model's training robot data)")
     robot.add_argument("--batch-size", type=positive_int, default=8)
     robot.add_argument("--limit", type=positive_int, help="at most N held-out steps, spread over the split")
-    robot.add_argument("--episodes", type=int, default=10, help="closed-loop episodes in the simulator (0: none)")
-    robot.add_argument("--seed", type=int, default=1000, help="seed of the first closed-loop episode")
-    robot.add_argument("--max-steps", type=positive_int, default=400)
+    robot.add_argument(
+        "--episodes",
+        type=int,
+        default=robot_defaults["episodes"],
+        help="closed-loop episodes in the simulator (0: none)",
+    )
+    robot.add_argument("--seed", type=int, default=robot_defaults["seed"], help="seed of the first closed-loop episode")
+    robot.add_argument("--max-steps", type=positive_int, default=robot_defaults["max_steps"])
     robot.add_argument("--temporal-ensemble", action="store_true", help="average the chunks that cover a step (ACT)")
     robot.add_argument(
         "--query-every",
@@ -387,7 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--video-size",
         type=positive_int,
         nargs=2,
-        default=(240, 320),
+        default=tuple(robot_defaults["video_size"]),
         metavar=("HEIGHT", "WIDTH"),
         help="size of the first rollout's video, rollout_<task>.gif",
     )

@@ -30,6 +30,15 @@ def schema() -> dict:
     return yaml.safe_load(resources.files("vlaflow").joinpath("schemas/config.schema.yaml").read_text())
 
 
+def schema_defaults(*section: str) -> dict:
+    """The schema's defaults for the settings of a config section (`"evaluation", "robot"`), for
+    the command-line options that mirror them: one source of defaults."""
+    node = schema()
+    for key in section:
+        node = node["properties"][key]
+    return {name: setting["default"] for name, setting in node["properties"].items() if "default" in setting}
+
+
 def read_yaml(path: Path) -> object:
     try:
         return yaml.safe_load(Path(path).read_text())
