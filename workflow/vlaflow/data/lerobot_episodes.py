@@ -43,6 +43,7 @@ EPISODES_FOLDER = "meta/episodes"
 CAMERA_PREFIX = "observation.images."
 DEFAULT_OPTIONS = {"action": "action", "state": "observation.state"}
 FRAME_COLUMNS = ("timestamp", "episode_index", "task_index")
+VIDEO_COLUMNS = ("chunk_index", "file_index", "from_timestamp", "to_timestamp")
 # Open video files and data files per process; each decoder holds a few decoded frames.
 MAX_OPEN_VIDEOS = 32
 MAX_OPEN_DATA_FILES = 8
@@ -104,19 +105,21 @@ def _read_json(path: Path) -> dict:
 
 
 def _read_table(path: Path, columns: list[str] | None = None) -> dict[str, list]:
+    return _parquet(path, columns).to_pydict()
+
+
+def _parquet(path: Path, columns: list[str] | None = None) -> pa.Table:
+    """The file's `columns` (all without them); a missing one is an error naming it."""
     try:
-        table = pq.read_table(path, columns=columns)
+        present = pq.read_schema(path).names
+        missing = [name for name in columns or () if name not in present]
+        if missing:
+            raise VlaflowError(f"{path}: {missing[0]}: column missing")
+        return pq.read_table(path, columns=columns)
     except FileNotFoundError:
         raise VlaflowError(f"{path}: no such file") from None
-    except (OSError, ValueError) as error:
+    except (OSError, pa.ArrowException) as error:
         raise VlaflowError(f"{path}: not a readable parquet file ({str(error).splitlines()[0]})") from None
-    return table.to_pydict()
-
-
-def _column(table: dict[str, list], path: Path, name: str) -> list:
-    if name not in table:
-        raise VlaflowError(f"{path}: {name}: column missing")
-    return table[name]
 
 
 def load_dataset_meta(root: Path, options: dict) -> LeRobotDatasetMeta:
@@ -131,25 +134,29 @@ def load_dataset_meta(root: Path, options: dict) -> LeRobotDatasetMeta:
             f"{info_file}: codebase_version: {version or 'missing'}, vlaflow reads LeRobot's v3 format "
             "(convert older datasets with LeRobot's convert_dataset_v21_to_v30)"
         )
-    for key in ("fps", "features", "data_path"):
+    cameras = [key for key, feature in info.get("features", {}).items() if feature.get("dtype") == "video"]
+    for key in ("fps", "features", "data_path", *(["video_path"] if cameras else [])):
         if key not in info:
             raise VlaflowError(f"{info_file}: {key}: missing")
     tasks_table = _read_table(root / TASKS_FILE)
+    # LeRobot writes the task strings as the pandas index of the table
     task_names = tasks_table.get("task") or tasks_table.get("__index_level_0__")
-    if task_names is None:
-        raise VlaflowError(f"{root / TASKS_FILE}: task: column missing")
-    tasks = dict(zip(_column(tasks_table, root / TASKS_FILE, "task_index"), task_names))
+    for name, column in (("task", task_names), ("task_index", tasks_table.get("task_index"))):
+        if column is None:
+            raise VlaflowError(f"{root / TASKS_FILE}: {name}: column missing")
+    tasks = dict(zip(tasks_table["task_index"], task_names))
     episode_files = sorted((root / EPISODES_FOLDER).glob("chunk-*/file-*.parquet"))
     if not episode_files:
         raise VlaflowError(f"{root / EPISODES_FOLDER}: no chunk-*/file-*.parquet episode metadata")
-    cameras = [key for key, feature in info["features"].items() if feature.get("dtype") == "video"]
+    columns = ["episode_index", "length", "data/chunk_index", "data/file_index"]
+    columns += [f"videos/{camera}/{name}" for camera in cameras for name in VIDEO_COLUMNS]
     episodes = []
     for path in episode_files:
-        table = _read_table(path)
-        for row in range(len(_column(table, path, "episode_index"))):
+        table = _read_table(path, columns)  # not the statistics beside them
+        for row in range(len(table["episode_index"])):
 
             def value(name: str):
-                return _column(table, path, name)[row]
+                return table[name][row]
 
             data_file = root / info["data_path"].format(
                 chunk_index=value("data/chunk_index"), file_index=value("data/file_index")
@@ -218,19 +225,9 @@ def _numpy(column: pa.ChunkedArray, path: Path, name: str) -> np.ndarray:
 
 
 def _read_data_file(key: tuple[Path, str, str]) -> _DataFile:
-    """Only the columns vlaflow reads: a data file may also hold images."""
     path, action_key, state_key = key
     names = list(dict.fromkeys((*FRAME_COLUMNS, action_key, state_key)))
-    try:
-        present = set(pq.read_schema(path).names)
-    except FileNotFoundError:
-        raise VlaflowError(f"{path}: no such file") from None
-    except (OSError, ValueError) as error:
-        raise VlaflowError(f"{path}: not a readable parquet file ({str(error).splitlines()[0]})") from None
-    for name in names:
-        if name not in present:
-            raise VlaflowError(f"{path}: {name}: column missing")
-    table = pq.read_table(path, columns=names)
+    table = _parquet(path, names)  # only these: a data file may also hold images
     columns = {name: _numpy(table[name], path, name) for name in names}
     for name in (action_key, state_key):
         columns[name] = columns[name].astype(np.float32)
