@@ -255,6 +255,9 @@ class VideoDecoder:
             raise VlaflowError(f"{path}: not a readable video ({error})") from None
         self.path = path
         self.stream = self.container.streams.video[0]
+        # One decoding thread: a DataLoader worker is one process per core already, and dav1d's
+        # own threads cost more than they give on a frame or two per request.
+        self.stream.codec_context.thread_count = 1
         self.time_base = float(self.stream.time_base)
         rate = self.stream.average_rate or self.stream.guessed_rate
         self.frame_period = 1 / float(rate) if rate else 0.02

@@ -34,6 +34,7 @@ VIDEO_PATH = "videos/{video_key}/chunk-{chunk_index:03d}/file-{file_index:03d}.m
 VIDEO_CODEC, VIDEO_OPTIONS = "libsvtav1", {"crf": "30", "g": "2", "preset": "12"}
 QUANTILES = (0.01, 0.10, 0.50, 0.90, 0.99)
 IMAGE_STATS_FRAMES = 100  # frames per episode sampled for image statistics, as LeRobot samples
+IMAGE_STATS_SIDE = 150  # pixels kept along the longest side, about, as LeRobot keeps
 INDEX_FEATURES = ("frame_index", "episode_index", "index", "task_index")
 
 
@@ -46,14 +47,19 @@ def _stats(values: np.ndarray, axis) -> dict[str, np.ndarray]:
     stats = {"min": values.min(axis=axis), "max": values.max(axis=axis)}  # integers stay integers, as in LeRobot's
     values = values.astype(np.float64)
     stats |= {"mean": values.mean(axis=axis), "std": values.std(axis=axis), "count": np.array([len(values)])}
-    for quantile in QUANTILES:
-        stats[f"q{round(quantile * 100):02d}"] = np.quantile(values, quantile, axis=axis)
+    quantiles = np.quantile(values, QUANTILES, axis=axis)
+    stats |= {f"q{round(quantile * 100):02d}": value for quantile, value in zip(QUANTILES, quantiles)}
     return stats
 
 
 def _image_stats(frames: np.ndarray) -> dict[str, np.ndarray]:
+    """Per channel, in [0, 1], over up to IMAGE_STATS_FRAMES frames thinned as LeRobot thins them
+    (every k-th pixel, k = longest side // 150 from 300 pixels up): a full-size 480x640 episode
+    would otherwise take most of a conversion's time."""
     chosen = frames[np.linspace(0, len(frames) - 1, min(len(frames), IMAGE_STATS_FRAMES)).round().astype(int)]
-    pixels = chosen.reshape(-1, 3) / 255.0
+    longest = max(frames.shape[1:3])
+    step = longest // IMAGE_STATS_SIDE if longest >= 2 * IMAGE_STATS_SIDE else 1
+    pixels = chosen[:, ::step, ::step].reshape(-1, 3) / 255.0
     stats = {key: value.reshape(3, 1, 1) if value.size == 3 else value for key, value in _stats(pixels, 0).items()}
     stats["count"] = np.array([len(frames)])
     return stats
