@@ -213,7 +213,10 @@ def test_killing_snakemake_during_stage1_then_rerunning_resumes_training(tmp_pat
     process = snakemake_until_checkpoint(tmp_path, work / "checkpoint-5")
     process.send_signal(signal.SIGKILL)  # the controller dies; its job keeps running, then is killed too
     process.wait()
-    subprocess.run(["pkill", "-9", "-f", f"--workdir {work}"], check=False)
+    # `--`: without it pkill reads the pattern as an unknown option and kills nothing, leaving the
+    # trainer to race the rerun for its work folder
+    killed = subprocess.run(["pkill", "-9", "-f", "--", f"--workdir {work}"], check=False)
+    assert killed.returncode == 0  # at least the trainer matched
     assert not (tmp_path / "results" / "models" / "stage1").exists()
 
     assert snakemake(tmp_path, "--unlock").returncode == 0
