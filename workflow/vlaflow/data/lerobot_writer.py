@@ -177,9 +177,9 @@ def _write(episodes, spec, root: Path, fps, robot_type, data_file_mb, video_file
         source = episode.rows()
         reader = episode.open(spec)
         try:
+            steps = [reader.images(t, None) for t in range(info.frames)]  # every camera's frame, decoded once
             frames = {
-                camera: np.stack([np.asarray(reader.images(t, None)[i]) for t in range(info.frames)])
-                for i, camera in enumerate(cameras.values())
+                camera: np.stack([np.asarray(step[i]) for step in steps]) for i, camera in enumerate(cameras.values())
             }
             instructions = [reader.instruction(t) for t in range(info.frames)]
         finally:
